@@ -1,0 +1,1 @@
+"""Configuration files (ml-collections). `default.py` documents every key; the others change a few."""

@@ -1,0 +1,100 @@
+"""Optimizer and learning-rate schedule: AdamW behind a global-norm clip, accumulated with MultiSteps.
+
+Every schedule here is a function of the optimizer-update count (one update per
+`training.accumulation_steps` micro-batches), never of the micro-batch count.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def _cycle_starts(t0, t_mult, horizon):
+  """Start epochs of the SGDR cycles (since warm-up end) until past `horizon` epochs.
+
+  Returns:
+    float64 [C + 1]: starts of C cycles and the end of the last one.
+  """
+  starts, length = [0.0], float(t0)
+  while starts[-1] <= horizon:
+    starts.append(starts[-1] + length)
+    length *= t_mult
+  return np.asarray(starts)
+
+
+def create_learning_rate_fn(config, steps_per_epoch):
+  """Learning rate as a function of the optimizer-update count.
+
+  Linear warm-up over `warmup_epochs` from 0.1 x `learning_rate` to `learning_rate`, then
+  cosine warm restarts (SGDR) from `learning_rate` down to `min_learning_rate`; cycle i lasts
+  `restart_epochs * restart_mult**i` epochs. Epochs are fractional (update / steps_per_epoch),
+  so after the warm-up this equals PyTorch's CosineAnnealingWarmRestarts stepped with
+  `epoch + i / steps_per_epoch`.
+
+  Args:
+    config: the run config (reads `config.training`).
+    steps_per_epoch: optimizer updates per epoch.
+
+  Returns:
+    An optax schedule: int count -> learning rate.
+  """
+  t = config.training
+  if steps_per_epoch < 1:
+    raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch}.')
+  if t.restart_epochs <= 0 or t.restart_mult < 1:
+    raise ValueError('training.restart_epochs must be > 0 and training.restart_mult >= 1, got '
+                     f'{t.restart_epochs} and {t.restart_mult}.')
+  peak, floor, warmup = t.learning_rate, t.min_learning_rate, t.warmup_epochs
+  # Cycle boundaries are precomputed on the host, so T_mult need not be an integer and the
+  # boundaries are exact rather than recovered from a float logarithm.
+  starts = jnp.asarray(_cycle_starts(t.restart_epochs, t.restart_mult, t.num_epochs),
+                       jnp.float32)
+
+  def schedule(count):
+    epoch = jnp.asarray(count, jnp.float32) / steps_per_epoch
+    warm = peak * (0.1 + 0.9 * epoch / max(warmup, 1e-12))
+    since = jnp.maximum(epoch - warmup, 0.0)
+    cycle = jnp.clip(jnp.searchsorted(starts, since, side='right') - 1, 0, len(starts) - 2)
+    start, end = starts[cycle], starts[cycle + 1]
+    progress = jnp.clip((since - start) / (end - start), 0.0, 1.0)
+    cosine = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    return jnp.where(epoch < warmup, warm, cosine)
+
+  return schedule
+
+
+def decay_mask(params):
+  """True for weight matrices and kernels (ndim >= 2): biases, norm scales and 1-D SSM
+  parameters are not decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def create_optimizer(config, steps_per_epoch):
+  """MultiSteps(chain(clip_by_global_norm, adamw(schedule)), accumulation_steps).
+
+  The clip sees the mean of the accumulated micro-batch gradients, and weight decay is
+  decoupled and scaled by the learning rate, as in `torch.optim.AdamW`. AdamW is wrapped in
+  `inject_hyperparams` so that the learning rate of the last applied update is part of the
+  optimizer state (see `applied_learning_rate`).
+  """
+  t = config.training
+  if t.accumulation_steps < 1:
+    raise ValueError(f'training.accumulation_steps must be >= 1, got {t.accumulation_steps}.')
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
+      learning_rate=create_learning_rate_fn(config, steps_per_epoch),
+      b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
+  inner = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw)
+  return optax.MultiSteps(inner, every_k_schedule=t.accumulation_steps)
+
+
+def update_count(opt_state):
+  """Optimizer updates applied so far (int32 scalar) of a `create_optimizer` state."""
+  return opt_state.gradient_step
+
+
+def applied_learning_rate(opt_state):
+  """Learning rate of the last applied update (of update 0 before any)."""
+  return opt_state.inner_opt_state[1].hyperparams['learning_rate']

@@ -1,0 +1,81 @@
+"""Where metrics go: the console, TensorBoard event files (tensorboardX, no TensorFlow) and
+`workdir/metrics.jsonl`, one JSON object a line. Only process 0 writes.
+"""
+
+import json
+import math
+import os
+
+from absl import logging
+import jax
+import numpy as np
+import tensorboardX
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _plain(value):
+  """A JSON-able Python scalar (NaN and inf become None, which JSON can hold)."""
+  value = value.item() if isinstance(value, (np.generic, np.ndarray, jax.Array)) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def read_metrics(workdir):
+  """Rows of `workdir/metrics.jsonl` as dicts (empty list when there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+  """Writes one row of metrics to the console, TensorBoard and metrics.jsonl at once.
+
+  TensorBoard tags are `<split>/<name>` for window rows and `<split>_epoch/<name>` for epoch
+  rows, all on the optimizer-update axis, so epoch means never share a curve with window means.
+  """
+
+  def __init__(self, workdir):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step, epoch, split, scope, scalars, console_extra=''):
+    """Writes `scalars` (name -> number) measured at optimizer update `step` of `epoch`."""
+    if not self._active:
+      return
+    row = {'step': int(step), 'epoch': int(epoch), 'split': split, 'scope': scope}
+    row.update({k: _plain(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+    prefix = split if scope == 'window' else f'{split}_epoch'
+    for name, value in row.items():
+      if name not in ('step', 'epoch', 'split', 'scope') and value is not None:
+        self._tb.add_scalar(f'{prefix}/{name}', value, int(step))
+    losses = ' '.join(f'{k[5:]}={v:.4g}' for k, v in row.items()
+                      if k.startswith('loss/') and v is not None)
+    lr = f' lr={row["lr"]:.3e}' if row.get('lr') is not None else ''
+    logging.info('[%s %s] epoch %d step %d: %s%s%s', split, scope, epoch, step, losses, lr,
+                 console_extra)
+
+  def text(self, tag, text, step=0):
+    """A text note in TensorBoard (e.g. the parameter overview)."""
+    if self._active:
+      self._tb.add_text(tag, text, step)
+
+  def flush(self):
+    if self._active:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self):
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()
+      self._active = False
