@@ -34,6 +34,7 @@ from jaxtrain import losses
 from jaxtrain import models
 from jaxtrain import monitors
 from jaxtrain import optim
+from jaxtrain import report
 from jaxtrain import writers
 
 # Loss components, in the order they are reported; config.loss.weights names 'class'
@@ -94,7 +95,7 @@ def loss_metrics(terms, step=None, bad=None):
   nonfinite = FirstNonFinite.empty()
   if step is not None:
     nonfinite = FirstNonFinite(step=jnp.where(bad.any(), step, -1).astype(jnp.int32), bad=bad)
-  return LossMetrics(nonfinite=nonfinite, **fields)
+  return LossMetrics.empty().replace(nonfinite=nonfinite, **fields)
 
 
 def summarize(collection, weights):
@@ -199,6 +200,8 @@ class Trainer:
                           class_weights=class_weights),
         in_shardings=(self.replicated, self.data_sharding, self.replicated),
         out_shardings=(self.replicated, self.data_sharding))
+    self._empty_metrics = jax.jit(lambda: loss_metrics(_empty_terms()),
+                                  out_shardings=self.replicated)
     self.compile_seconds = {}
     self.eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5EED)
     self.baselines = evaluation.compute_baselines(dataset.train, dataset.normalizer)
@@ -209,7 +212,8 @@ class Trainer:
     return init(jax.random.PRNGKey(self.config.seed))
 
   def empty_metrics(self):
-    return jax.device_put(loss_metrics(_empty_terms()), self.replicated)
+    # Built by a jitted function so that every leaf is its own buffer: the step donates them.
+    return self._empty_metrics()
 
   def _compiled(self, name, fn, *args):
     """AOT-compiles `fn` for `args` once and times it; later shapes must match exactly."""
@@ -362,7 +366,8 @@ def train_and_evaluate(config, workdir):
       writer.write(update, epoch, 'train', 'epoch', dict(train_scalars, lr=lr))
       val_scalars, _ = trainer.evaluate(state.params, 'val')
       writer.write(update, epoch, 'val', 'epoch', dict(val_scalars, lr=lr))
-      history.append(dict(val_scalars, epoch=epoch, split='val', lr=lr))
+      history += [dict(train_scalars, epoch=epoch, split='train', lr=lr),
+                  dict(val_scalars, epoch=epoch, split='val', lr=lr)]
       for warning in monitor.check(epoch, history, val_scalars):
         logging.warning('Epoch %d: %s', epoch, warning)
       if stopper.update(val_scalars['loss/total']):
@@ -379,6 +384,8 @@ def train_and_evaluate(config, workdir):
                                   test_preds, ds.test, ds.normalizer)
   finally:
     writer.close()
+  if jax.process_index() == 0:
+    report.write_report(workdir)
   logging.info('Compile times: %s', {k: round(v, 2) for k, v in trainer.compile_seconds.items()})
   return {'state': state, 'best_val': stopper.best, 'test': test_scalars}
 

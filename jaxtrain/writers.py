@@ -57,7 +57,8 @@ class MetricWriter:
     prefix = split if scope == 'window' else f'{split}_epoch'
     for name, value in row.items():
       if name not in ('step', 'epoch', 'split', 'scope') and value is not None:
-        self._tb.add_scalar(f'{prefix}/{name}', value, int(step))
+        # TensorBoard tags allow no '@': 'class/accuracy@baseline' -> 'class/accuracy_baseline'.
+        self._tb.add_scalar(f'{prefix}/{name.replace("@", "_")}', value, int(step))
     losses = ' '.join(f'{k[5:]}={v:.4g}' for k, v in row.items()
                       if k.startswith('loss/') and v is not None)
     lr = f' lr={row["lr"]:.3e}' if row.get('lr') is not None else ''

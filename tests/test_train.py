@@ -22,9 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _parse(*overrides, config='configs/convergence.py:test'):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ['main.py', f'--config={os.path.join(ROOT, config)}', *overrides]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=fv, lock_config=True)
-  fv(['main.py', f'--config={os.path.join(ROOT, config)}', *overrides])
+  config_flags.DEFINE_config_file('config', None, '', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
   return fv.config
 
 
