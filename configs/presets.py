@@ -26,4 +26,5 @@ def apply(config, preset):
     config.data.synthetic.num_patients = 24
     config.training.num_epochs = 2
     config.training.eval_batch_size = 32
+    config.training.log_every_steps = 1  # The tiny split gives only a few updates per epoch.
   return config
