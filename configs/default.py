@@ -28,9 +28,11 @@ def get_config():
   data.test_ratio = 0.10
   data.split_seed = 42  # Seed of the patient-level stratified split.
   data.synthetic = synthetic = ml_collections.ConfigDict()
-  synthetic.num_patients = 2038  # About 25 recordings each: 2038 patients give about 52k traces.
-  synthetic.recordings_per_patient = 25  # Mean length of a patient's intensity series.
-  synthetic.sample_period_ms = 0.1  # Time step of the 200-sample trace (0.1 ms = 20 ms window).
+  synthetic.num_patients = 2038  # Patients (the real dataset's 2,038 give about 52k traces).
+  synthetic.recordings_per_patient = 25.5  # Mean length of a patient's series (real: 25.5).
+  # Time step (ms) of the 200-sample trace. 0.1 ms spans 20 ms, which holds wave V of every
+  # class up to the 18.5 ms the real labels reach; 0.05 ms (10 ms) would cut off late waves V.
+  synthetic.sample_period_ms = 0.1
   synthetic.seed = 0  # Seed of the generator (independent of the split and training seeds).
 
   # ---------------------------------------------------------------------------------------
@@ -38,15 +40,19 @@ def get_config():
   model.signal_length = 200  # Samples per trace.
   model.static_dim = 4  # Static parameters: age, intensity, stimulus rate, FMP.
   model.n_classes = 5  # Hearing-loss classes.
-  model.base_channels = 96  # Channels of the first U-Net level; level i has base * 2**i.
+  model.base_channels = 96  # Channels of the first U-Net level; level i has base * 2**i ...
+  model.max_channels = 384  # ... capped here, so the short deep levels hold few parameters.
   model.n_levels = 4  # Encoder/decoder levels (each halves / doubles the length).
   model.n_s4_layers = 3  # State-space layers per level.
   model.d_state = 96  # State size (number of diagonal modes) of each state-space layer.
   model.n_transformer_layers = 3  # Attention blocks per attention level.
+  # The attention blocks (self-attention, cross-attention to the encoder) run at the shortest
+  # decoder level at least this many samples long; every other level uses S4 and convolutions.
+  model.attention_min_length = 50
   model.n_heads = 12  # Attention heads.
   model.dropout = 0.15  # Dropout rate in training.
-  model.cond_drop_rate = 0.15  # Share of training samples whose static condition is replaced
-  # by the learned null condition (for classifier-free guidance).
+  model.cond_drop_rate = 0.15  # Share of noised (t > 0) training samples whose static condition
+  # is replaced by the learned null condition (for classifier-free guidance); never at t = 0.
 
   # ---------------------------------------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -90,8 +96,23 @@ def get_config():
 
   # ---------------------------------------------------------------------------------------
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
-  checkpoint.save_every_epochs = 5  # Save at the end of every N-th epoch (and at the end).
+  checkpoint.save_every_epochs = 5  # Save every N-th epoch end (and at each new best, at the end).
   checkpoint.keep = 3  # Latest checkpoints kept (the best by val total is kept besides).
-  checkpoint.checkpoint_every_minutes = 10.0  # Also save mid-epoch this often (0: never).
+  checkpoint.checkpoint_every_minutes = 10.0  # Save mid-epoch this long after a save (0: never).
+
+  # ---------------------------------------------------------------------------------------
+  # Collapse/plateau detectors (jaxtrain/monitors.py) and the report's checklist rules
+  # (jaxtrain/report.py). A plateau is judged with training.early_stopping_min_delta.
+  config.monitor = monitor = ml_collections.ConfigDict()
+  monitor.min_spread_ratio = 0.05  # Collapse: a head's prediction sd is below this x target sd.
+  monitor.max_class_share = 0.95  # Collapse: a classifier gives one answer above this share.
+  monitor.plateau_epochs = 5  # Plateau: a loss component has not improved for this many epochs.
+  monitor.steady_epochs = 10  # Report: the train total must decrease steadily over these epochs,
+  monitor.steady_max_rise = 0.1  # rising epoch to epoch by at most this share of its total drop.
+  monitor.max_component_share = 0.75  # Report: cap on a weighted component's share of the total.
+  monitor.max_val_gap = 0.5  # Report: val total may exceed train total by this share of it.
+  monitor.lr_rtol = 1e-3  # Report: logged LR must match the configured schedule this closely.
+  monitor.baseline_rel_margin = 0.1  # Report: error metrics must be this share below baseline.
+  monitor.baseline_abs_margin = 0.05  # Report: AUC / balanced accuracy this far above baseline.
 
   return config

@@ -1,0 +1,131 @@
+"""The multi-task loss: denoising plus wave-V, class and threshold supervision.
+
+One model call on the concatenation [x_t; x0] with steps [t; 0] gives both passes at the
+cost of one forward-backward on 2B rows: the denoiser output is read from the noised half,
+the task heads from the clean half (at large t the trace is pure noise, so heads supervised
+there learn nothing). Every component is a (sum, count) pair over the batch; padding rows
+(mask 0) and rows without the label (peak_mask, threshold_mask 0) count in neither.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtrain import diffusion
+
+TERMS = ('signal', 'peak_exist', 'peak_latency', 'peak_amplitude', 'class', 'threshold')
+# config.loss.weights key of each term (the rest are named as the term).
+WEIGHT_KEYS = {'class': 'classification'}
+
+
+def gaussian_nll(mean, log_scale, target):
+  """Per-example Gaussian negative log-likelihood, [B] (log-scale bounded by the model)."""
+  z = (target - mean) * jnp.exp(-log_scale)
+  return 0.5 * z**2 + log_scale + 0.5 * math.log(2 * math.pi)
+
+
+def huber(error, delta):
+  """Per-example Huber loss: quadratic within delta, linear beyond, [B]."""
+  abs_error = jnp.abs(error)
+  quadratic = jnp.minimum(abs_error, delta)
+  return 0.5 * quadratic**2 + delta * (abs_error - quadratic)
+
+
+def focal_loss(logits, labels, alpha, gamma, class_weights):
+  """Per-example class-weighted focal loss w[y] alpha (1 - p_y)^gamma (-log p_y), [B].
+
+  Args:
+    logits: [B, K]; labels: [B] int; class_weights: [K] (ones for unweighted).
+  """
+  log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+  return class_weights[labels] * alpha * (-jnp.expm1(log_p))**gamma * -log_p
+
+
+def _masked(values, mask):
+  """(sum, count) of per-example `values` [B] over `mask` [B]; masked rows contribute 0."""
+  return jnp.sum(jnp.where(mask > 0, values, 0.0) * mask), jnp.sum(mask)
+
+
+def _class_weights(config, class_weights):
+  if config.loss.class_weights == 'none':
+    return jnp.ones((config.model.n_classes,), jnp.float32)
+  if config.loss.class_weights == 'balanced':
+    if class_weights is None:
+      raise ValueError("config.loss.class_weights='balanced' needs the train split's weights.")
+    return jnp.asarray(class_weights, jnp.float32)
+  raise ValueError(f'Unknown loss.class_weights {config.loss.class_weights!r}.')
+
+
+def _threshold_loss(config, prediction, target):
+  if config.loss.threshold_loss == 'nll':
+    return gaussian_nll(prediction[:, 0], prediction[:, 1], target)
+  if config.loss.threshold_loss == 'huber':
+    return huber(prediction[:, 0] - target, config.loss.huber_delta)
+  raise ValueError(f'Unknown loss.threshold_loss {config.loss.threshold_loss!r}.')
+
+
+def total_loss(terms, config):
+  """sum_k weight_k * sum_k / max(count_k, 1), weights from config.loss.weights."""
+  weights = config.loss.weights
+  return sum(weights[WEIGHT_KEYS.get(k, k)] * s / jnp.maximum(c, 1.0)
+             for k, (s, c) in terms.items())
+
+
+def loss_fn(params, model, batch, rng, config, class_weights, train):
+  """The multi-task loss of one batch.
+
+  Args:
+    params: model parameters.
+    model: the module from `models.create_model(config)`.
+    batch: dict of the batch format (docs: /tmp/jaxtrain_interfaces.md), [B, ...].
+    rng: one key; split here for t, noise, dropout and condition dropout.
+    config: the run's ConfigDict (reads diffusion.*, loss.*, model.n_classes).
+    class_weights: [n_classes] 'balanced' weights of the train split (ignored for 'none').
+    train: dropout and condition dropout on.
+
+  Returns:
+    (total, (terms, preds)): terms {name: (sum, count)} for TERMS; preds: heads on the clean
+    trace ('peak_exist' [B], 'peak_latency', 'peak_amplitude', 'threshold' [B, 2],
+    'class_logits' [B, K]) and the denoiser's 'x0_pred' [B, L] at its step 't' [B].
+  """
+  t_rng, noise_rng, dropout_rng, condition_rng = jax.random.split(rng, 4)
+  x0, mask = batch['signal'], batch['mask']
+  batch_size = x0.shape[0]
+  alphas_cumprod = diffusion.cosine_alphas_cumprod(config.diffusion.num_timesteps)
+  prediction = config.diffusion.prediction
+
+  t = diffusion.sample_timesteps(t_rng, batch_size, config.diffusion.num_timesteps)
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  x_t = diffusion.q_sample(alphas_cumprod, x0, t, noise)
+  rngs = {'dropout': dropout_rng, 'condition': condition_rng} if train else None
+  out = model.apply(
+      {'params': params}, jnp.concatenate([x_t, x0]),
+      jnp.concatenate([batch['static'], batch['static']]),
+      jnp.concatenate([t, jnp.zeros_like(t)]), train=train, rngs=rngs)
+  denoised = out['signal'][:batch_size]
+  heads = {k: v[batch_size:] for k, v in out.items() if k != 'signal'}
+
+  target = diffusion.prediction_target(alphas_cumprod, x0, noise, t, prediction)
+  peak_mask = mask * batch['peak_mask']
+  terms = {
+      'signal': _masked(jnp.mean((denoised - target)**2, axis=-1), mask),
+      'peak_exist': _masked(
+          optax.sigmoid_binary_cross_entropy(heads['peak_exist'], batch['peak_mask']), mask),
+      'peak_latency': _masked(
+          gaussian_nll(heads['peak_latency'][:, 0], heads['peak_latency'][:, 1],
+                       batch['peak_latency']), peak_mask),
+      'peak_amplitude': _masked(
+          gaussian_nll(heads['peak_amplitude'][:, 0], heads['peak_amplitude'][:, 1],
+                       batch['peak_amplitude']), peak_mask),
+      'class': _masked(
+          focal_loss(heads['class_logits'], batch['label'], config.loss.focal_alpha,
+                     config.loss.focal_gamma, _class_weights(config, class_weights)), mask),
+      'threshold': _masked(
+          _threshold_loss(config, heads['threshold'], batch['threshold']),
+          mask * batch['threshold_mask']),
+  }
+  preds = dict(heads, x0_pred=diffusion.predict_x0(alphas_cumprod, x_t, denoised, t, prediction),
+               t=t)
+  return total_loss(terms, config), (terms, preds)

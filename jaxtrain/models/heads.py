@@ -1,0 +1,64 @@
+"""Task heads on the decoder's per-time-step features [B, 200, C].
+
+The signal head works per time step. The other heads pool over time with learned attention
+queries; they see a fixed positional embedding beside the features, so a pooled vector can
+say *where* a peak is (latency), not only what is there.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtrain.models import layers
+
+# Log-scales are bounded smoothly to (-LOG_SCALE_BOUND, LOG_SCALE_BOUND) by
+# raw / sqrt(1 + (raw / bound)^2): like tanh, but the gradient decays polynomially instead of
+# rounding to 0 in float32, so a scale pushed far out still gets pulled back (a hard clip's zero
+# gradient froze the original's sigma at e^2). In standardised units sigma lies in [0.018, 55].
+LOG_SCALE_BOUND = 4.0
+# Last layers start small: outputs near 0 (standardised means, log-scales, logits) at init,
+# so every loss starts at its order-1 value instead of on a saturated range.
+OUTPUT_INIT = nn.initializers.variance_scaling(0.01, 'fan_in', 'normal')
+POSITION_DIM = 16  # Sinusoidal position features appended before pooling.
+N_QUERIES = 4  # Attention-pooling queries per head.
+
+
+def bounded_log_scale(raw):
+  """Smoothly bounds a raw log-scale to (-LOG_SCALE_BOUND, LOG_SCALE_BOUND); slope 1 at 0."""
+  return raw * jax.lax.rsqrt(1.0 + (raw / LOG_SCALE_BOUND)**2)
+
+
+class SignalHead(nn.Module):
+  """Per-time-step denoiser output: [B, L, C] -> [B, L]."""
+
+  @nn.compact
+  def __call__(self, h):
+    h = nn.gelu(layers.group_norm(h))
+    h = nn.gelu(nn.Conv(h.shape[-1], (3,))(h))
+    return nn.Dense(1, kernel_init=OUTPUT_INIT)(h)[..., 0]
+
+
+class PooledHead(nn.Module):
+  """Attention pooling over time, then an MLP: [B, L, C] -> [B, n_out].
+
+  Attributes:
+    n_out: outputs.
+    hidden: MLP width.
+    dropout: dropout rate on the hidden layer.
+  """
+  n_out: int
+  hidden: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, h, train):
+    batch, length, _ = h.shape
+    position = layers.sinusoidal_embedding(jnp.arange(length), POSITION_DIM, max_period=length)
+    z = jnp.concatenate(
+        [nn.LayerNorm()(h), jnp.broadcast_to(position, (batch,) + position.shape)], axis=-1)
+    scores = nn.Dense(N_QUERIES)(nn.gelu(nn.Dense(self.hidden)(z)))  # [B, L, Q]
+    weights = nn.softmax(scores, axis=1)
+    pooled = jnp.einsum('blq,blc->bqc', weights, z).reshape(batch, -1)
+    hidden = nn.gelu(nn.Dense(self.hidden)(pooled))
+    hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
+    return nn.Dense(self.n_out, kernel_init=OUTPUT_INIT)(hidden)

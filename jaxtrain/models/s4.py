@@ -1,0 +1,101 @@
+"""S4D: a diagonal state-space layer (Gu et al. 2022, "On the parameterization and
+initialization of diagonal state space models").
+
+Each of the H channels is a linear state-space model with N complex diagonal modes,
+  x'(s) = A x(s) + B u(s),  y(s) = 2 Re(C x(s)) + D u(s),   A = -exp(log_a_real) + i a_imag,
+discretised with zero-order hold at a learned step dt = exp(log_dt) (B = 1 is folded into C).
+Its impulse response is the convolution kernel
+  K[h, l] = 2 Re( sum_n C[h,n] (exp(dt A[h,n]) - 1) / A[h,n] * exp(dt A[h,n] l) ),  l = 0..L-1,
+computed from the parameters on every call and applied by FFT convolution in O(L log L).
+The bidirectional layer adds a second, independent kernel applied anti-causally (to the future
+samples), so the denoiser sees the whole trace.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# S4D-Lin initialisation: the learned step size starts log-uniform in [DT_MIN, DT_MAX].
+DT_MIN = 1e-3
+DT_MAX = 1e-1
+
+
+def s4d_kernel(log_dt, log_a_real, a_imag, c, length):
+  """The S4D convolution kernel of each channel.
+
+  Args:
+    log_dt: [H] log step size.
+    log_a_real: [H, N] log of minus the real part of A (so Re A < 0: every mode decays).
+    a_imag: [H, N] imaginary part of A.
+    c: [H, N] complex output matrix (B = 1 folded in).
+    length: kernel length L.
+
+  Returns:
+    [H, L] float32 kernel K[h, l] (module docstring).
+  """
+  a = -jnp.exp(log_a_real) + 1j * a_imag
+  dta = jnp.exp(log_dt)[:, None] * a
+  coeff = c * (jnp.exp(dta) - 1.0) / a  # zero-order-hold input matrix times C
+  powers = jnp.exp(dta[..., None] * jnp.arange(length))  # [H, N, L]: exp(dt A l)
+  return 2.0 * jnp.real(jnp.einsum('hn,hnl->hl', coeff, powers))
+
+
+def fft_conv(u, causal_kernel, anticausal_kernel=None):
+  """Convolves each channel of `u` with its kernel, by FFT over 2L (no wrap-around).
+
+  Args:
+    u: [B, L, H] input.
+    causal_kernel: [H, L]; y[i] += sum_{j<=i} k[i-j] u[j].
+    anticausal_kernel: optional [H, L]; y[i] += sum_{j>=0} k[j] u[i+j+1] (strictly future
+      samples, so the present sample is counted once, by the causal kernel).
+
+  Returns:
+    [B, L, H].
+  """
+  length = u.shape[1]
+  kernel = jnp.pad(causal_kernel, ((0, 0), (0, length)))
+  if anticausal_kernel is not None:
+    # Lags -1..-L sit at the end of the circular 2L-kernel, reversed.
+    kernel = kernel + jnp.pad(anticausal_kernel[:, ::-1], ((0, 0), (length, 0)))
+  n = 2 * length
+  u_f = jnp.fft.rfft(u, n=n, axis=1)
+  k_f = jnp.fft.rfft(kernel, n=n, axis=1).T  # [n//2+1, H]
+  return jnp.fft.irfft(u_f * k_f[None], n=n, axis=1)[:, :length].astype(u.dtype)
+
+
+def _log_dt_init(key, shape):
+  return jax.random.uniform(key, shape, minval=math.log(DT_MIN), maxval=math.log(DT_MAX))
+
+
+def _a_imag_init(key, shape):
+  del key  # S4D-Lin: A_n = -1/2 + i pi n, the same for every channel.
+  return jnp.broadcast_to(math.pi * jnp.arange(shape[-1], dtype=jnp.float32), shape)
+
+
+class S4D(nn.Module):
+  """Diagonal state-space convolution over time, channel-wise: [B, L, H] -> [B, L, H].
+
+  Attributes:
+    d_state: N, complex diagonal modes per channel (and per direction).
+    bidirectional: add an anti-causal kernel with its own parameters.
+  """
+  d_state: int
+  bidirectional: bool = True
+
+  @nn.compact
+  def __call__(self, u):
+    length, channels = u.shape[1], u.shape[2]
+    kernels = []
+    for direction in ('forward', 'backward') if self.bidirectional else ('forward',):
+      shape = (channels, self.d_state)
+      log_dt = self.param(f'{direction}_log_dt', _log_dt_init, (channels,))
+      log_a_real = self.param(f'{direction}_log_a_real', nn.initializers.constant(math.log(0.5)),
+                              shape)
+      a_imag = self.param(f'{direction}_a_imag', _a_imag_init, shape)
+      # Complex normal C with unit total variance, stored as (real, imag).
+      c = self.param(f'{direction}_c', nn.initializers.normal(math.sqrt(0.5)), shape + (2,))
+      kernels.append(s4d_kernel(log_dt, log_a_real, a_imag, c[..., 0] + 1j * c[..., 1], length))
+    d = self.param('d', nn.initializers.normal(1.0), (channels,))
+    return fft_conv(u, *kernels) + d * u

@@ -1,0 +1,174 @@
+"""The hierarchical U-Net: S4 encoder, S4 bottleneck, attention decoder, multi-task heads.
+
+  x [B, 200] -> pad to a multiple of 2**n_levels (208 for 4 levels) -> stem conv
+  encoder level i (length L/2**i, C_i = min(base * 2**i, max_channels)): ResBlock,
+      n_s4_layers x S4Block -> skip_i;
+      space-to-depth down to the next level
+  bottleneck (length L/2**n_levels): ResBlock, n_s4_layers x S4Block, ResBlock
+  decoder level i (deepest first): sub-pixel up, concat skip_i, ResBlock, n_s4_layers x S4Block;
+      at the shortest level at least `attention_min_length` long (52 for 4 levels, 50 for 3,
+      100 for 2), also n_transformer_layers x (self-attention, cross-attention to skip_i, FFN)
+  crop back to [B, 200, C_0] -> heads, all from these per-time-step features.
+
+Every ResBlock is FiLM-conditioned on cond = time embedding(t) + static embedding, so the
+timestep and the four static parameters reach every level. In training, the static embedding
+of a sample with t > 0 is replaced by a learned null condition at rate `cond_drop_rate`
+(classifier-free guidance); clean inputs (t = 0, the task heads' pass) keep their condition.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtrain.models import heads
+from jaxtrain.models import layers
+
+
+class Conditioning(nn.Module):
+  """cond [B, dim] = MLP(sinusoidal(t)) + MLP(static or the learned null condition).
+
+  Attributes:
+    dim: condition width.
+    cond_drop_rate: training-time rate of the null condition for samples with t > 0.
+  """
+  dim: int
+  cond_drop_rate: float
+
+  @nn.compact
+  def __call__(self, static, t, train):
+    """static [B, S], t [B] int -> [B, dim]."""
+    time = layers.sinusoidal_embedding(t, self.dim // 4)
+    time = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.dim)(time)))
+    cond = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.dim)(static)))
+    null = self.param('null_condition', nn.initializers.normal(0.02), (self.dim,))
+    if train and self.cond_drop_rate > 0:
+      drop = jax.random.bernoulli(self.make_rng('condition'), self.cond_drop_rate, t.shape)
+      cond = jnp.where((drop & (t > 0))[:, None], null, cond)
+    return time + cond
+
+
+class EncoderLevel(nn.Module):
+  """ResBlock to `channels`, then S4 blocks: [B, L, Cin] -> [B, L, channels]."""
+  channels: int
+  n_s4_layers: int
+  d_state: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, h, cond, train):
+    h = layers.ResBlock(self.channels, self.dropout)(h, cond, train)
+    for _ in range(self.n_s4_layers):
+      h = layers.S4Block(self.d_state, self.dropout)(h, train)
+    return h
+
+
+class Bottleneck(nn.Module):
+  """ResBlock, S4 blocks, ResBlock at the shortest length: [B, l, C] -> [B, l, C]."""
+  n_s4_layers: int
+  d_state: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, h, cond, train):
+    channels = h.shape[-1]
+    h = layers.ResBlock(channels, self.dropout)(h, cond, train)
+    for _ in range(self.n_s4_layers):
+      h = layers.S4Block(self.d_state, self.dropout)(h, train)
+    return layers.ResBlock(channels, self.dropout)(h, cond, train)
+
+
+class DecoderLevel(nn.Module):
+  """Fuses the skip, then S4 blocks and (optionally) attention blocks.
+
+  [B, L, C] upsampled features and skip [B, L, C] -> [B, L, C].
+  """
+  n_s4_layers: int
+  d_state: int
+  n_transformer_layers: int
+  n_heads: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, h, skip, cond, train):
+    channels = h.shape[-1]
+    h = layers.ResBlock(channels, self.dropout)(jnp.concatenate([h, skip], axis=-1), cond, train)
+    for _ in range(self.n_s4_layers):
+      h = layers.S4Block(self.d_state, self.dropout)(h, train)
+    for _ in range(self.n_transformer_layers):
+      h = layers.TransformerBlock(self.n_heads, self.dropout)(h, skip, train)
+    return h
+
+
+class HierarchicalUNet(nn.Module):
+  """Multi-task denoiser. Sizes: see `config.model` in configs/default.py."""
+  n_classes: int
+  base_channels: int
+  max_channels: int
+  n_levels: int
+  n_s4_layers: int
+  d_state: int
+  n_transformer_layers: int
+  n_heads: int
+  dropout: float
+  cond_drop_rate: float
+  attention_min_length: int
+
+  def level_channels(self, level):
+    return min(self.base_channels * 2**level, self.max_channels)
+
+  @nn.compact
+  def __call__(self, x, static, t, train=False):
+    """Denoiser output and task predictions.
+
+    Args:
+      x: [B, signal_length] trace (noised at step t; clean at t = 0).
+      static: [B, static_dim] standardised static parameters.
+      t: [B] int32 diffusion step (0 = clean).
+      train: dropout and condition dropout on ('dropout', 'condition' rng streams).
+
+    Returns:
+      dict: 'signal' [B, L]; 'peak_exist' [B] logit; 'peak_latency', 'peak_amplitude',
+      'threshold' [B, 2] (mean, log_scale) in standardised units; 'class_logits' [B, n_classes].
+    """
+    length = x.shape[1]
+    factor = 2**self.n_levels
+    padded = -(-length // factor) * factor
+    cond = Conditioning(4 * self.base_channels, self.cond_drop_rate, name='condition')(
+        static, t, train)
+
+    h = jnp.pad(x, ((0, 0), (0, padded - length)))[..., None]
+    h = nn.Conv(self.base_channels, (7,), name='stem')(h)
+    skips = []
+    for level in range(self.n_levels):
+      h = EncoderLevel(self.level_channels(level), self.n_s4_layers, self.d_state, self.dropout,
+                       name=f'enc_{level}')(h, cond, train)
+      skips.append(h)
+      h = layers.Downsample(self.level_channels(min(level + 1, self.n_levels - 1)),
+                            name=f'down_{level}')(h)
+    h = Bottleneck(self.n_s4_layers, self.d_state, self.dropout, name='bottleneck')(
+        h, cond, train)
+    # Attention runs at one decoder level, the shortest one at least attention_min_length
+    # long: coarse enough to be cheap (its cost grows as length**2), fine enough to resolve
+    # the waves. S4 carries global context at every other level.
+    attention_level = max([level for level in range(self.n_levels)
+                           if padded // 2**level >= self.attention_min_length], default=0)
+    for level in reversed(range(self.n_levels)):
+      h = layers.Upsample(self.level_channels(level), name=f'up_{level}')(h)
+      n_attention = self.n_transformer_layers if level == attention_level else 0
+      h = DecoderLevel(self.n_s4_layers, self.d_state, n_attention, self.n_heads, self.dropout,
+                       name=f'dec_{level}')(h, skips[level], cond, train)
+    features = h[:, :length]  # [B, L, C_0]
+
+    hidden = 2 * self.base_channels
+    peak = heads.PooledHead(5, hidden, self.dropout, name='peak_head')(features, train)
+    threshold = heads.PooledHead(2, hidden, self.dropout, name='threshold_head')(features, train)
+    return {
+        'signal': heads.SignalHead(name='signal_head')(features),
+        'peak_exist': peak[:, 0],
+        'peak_latency': jnp.stack([peak[:, 1], heads.bounded_log_scale(peak[:, 2])], axis=-1),
+        'peak_amplitude': jnp.stack([peak[:, 3], heads.bounded_log_scale(peak[:, 4])], axis=-1),
+        'class_logits': heads.PooledHead(self.n_classes, hidden, self.dropout,
+                                         name='class_head')(features, train),
+        'threshold': jnp.stack([threshold[:, 0], heads.bounded_log_scale(threshold[:, 1])],
+                               axis=-1),
+    }

@@ -1,0 +1,200 @@
+"""Tests of the hierarchical U-Net and its S4D layer.
+
+Behaviour is checked on the 'test' preset sizes; the convergence and demo sizes only through
+`jax.eval_shape` (no compile, no training step).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import convergence
+from jaxtrain import models
+from jaxtrain.models import heads
+from jaxtrain.models import layers
+from jaxtrain.models import s4
+from jaxtrain.models import unet
+
+BATCH = 4
+# XLA flags of jax_disable_most_optimizations, per compile: these tiny models compile in half
+# the time and still run in milliseconds.
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def fast_jit(fun, *args, **kwargs):
+  """`fun` compiled for these example arguments with FAST_COMPILE."""
+  return jax.jit(fun).lower(*args, **kwargs).compile(compiler_options=FAST_COMPILE)
+
+
+def make_inputs(batch=BATCH, seed=0):
+  """Random x [B, 200], static [B, 4], t [B] in 1..1000."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(batch, 200)), jnp.float32),
+          jnp.asarray(rng.normal(size=(batch, 4)), jnp.float32),
+          jnp.asarray(rng.integers(1, 1001, size=batch), jnp.int32))
+
+
+def output_shapes(batch, n_classes=5):
+  return {'signal': (batch, 200), 'peak_exist': (batch,), 'peak_latency': (batch, 2),
+          'peak_amplitude': (batch, 2), 'class_logits': (batch, n_classes),
+          'threshold': (batch, 2)}
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """(model, params, eval apply, train apply) at the 'test' preset sizes."""
+  model = models.create_model(convergence.get_config('test'))
+  x, static, t = make_inputs()
+  init = functools.partial(model.init, train=False)
+  params = fast_jit(init, jax.random.key(0), x, static, t)(jax.random.key(0), x, static, t)
+  params = params['params']
+  eval_apply = fast_jit(lambda p, *a: model.apply({'params': p}, *a), params, x, static, t)
+  return model, params, eval_apply
+
+
+@pytest.mark.parametrize('preset', ['', 'demo', 'test'])
+def test_output_shapes(preset):
+  config = convergence.get_config(preset)
+  model = models.create_model(config)
+  x, static, t = make_inputs(batch=3)
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.key(0), x, static, t)
+  assert set(variables) == {'params'}
+  rngs = {'dropout': jax.random.key(1), 'condition': jax.random.key(2)}
+  for train in (False, True):
+    out = jax.eval_shape(functools.partial(model.apply, train=train, rngs=rngs),
+                         variables, x, static, t)
+    assert {k: v.shape for k, v in out.items()} == output_shapes(3)
+    assert all(v.dtype == jnp.float32 for v in out.values())
+
+
+def test_convergence_parameter_budget():
+  model = models.create_model(convergence.get_config())
+  x, static, t = make_inputs(batch=1)
+  params = jax.eval_shape(functools.partial(model.init, train=False),
+                          jax.random.key(0), x, static, t)['params']
+  count = {k: sum(np.prod(p.shape) for p in jax.tree.leaves(v)) for k, v in params.items()}
+  assert {'enc_0', 'enc_3', 'bottleneck', 'dec_0', 'dec_3', 'signal_head', 'peak_head',
+          'class_head', 'threshold_head'} <= set(count)
+  assert 20e6 < sum(count.values()) < 80_298_680  # below the original's count
+  # Attention only at the 52-sample level: 3 blocks there, none in the other levels.
+  assert any('TransformerBlock' in k for k in params['dec_2'])
+  assert not any('TransformerBlock' in k for k in params['dec_3'])
+
+
+def test_tiny_forward_is_finite(tiny):
+  _, params, eval_apply = tiny
+  out = eval_apply(params, *make_inputs())
+  assert {k: v.shape for k, v in out.items()} == output_shapes(BATCH)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in out.values())
+  # The log-scales start near 0 (sigma near 1 standard deviation), inside the bound.
+  for key in ('peak_latency', 'peak_amplitude', 'threshold'):
+    assert float(jnp.max(jnp.abs(out[key][:, 1]))) < 1.0
+
+
+def test_timestep_changes_signal(tiny):
+  _, params, eval_apply = tiny
+  x, static, t = make_inputs()
+  a = eval_apply(params, x, static, t)['signal']
+  b = eval_apply(params, x, static, t // 2)['signal']
+  assert float(jnp.min(jnp.max(jnp.abs(a - b), axis=1))) > 1e-4
+
+
+def test_static_parameter_changes_every_output(tiny):
+  _, params, eval_apply = tiny
+  x, static, t = make_inputs()
+  a = eval_apply(params, x, static, t)
+  b = eval_apply(params, x, static.at[:, 1].add(1.0), t)  # intensity + 1 sd
+  for key in a:
+    assert float(jnp.min(jnp.max(jnp.abs(a[key] - b[key]).reshape(BATCH, -1), axis=1))) > 1e-5, key
+
+
+def test_null_condition_rate_in_training_only():
+  """The condition vector equals the null-condition one for about cond_drop_rate of the
+  samples with t > 0 in training; never for t = 0, never in evaluation."""
+  rate, batch = 0.25, 800
+  conditioning = unet.Conditioning(32, rate)
+  always_null = unet.Conditioning(32, 1.0)
+  _, static, t = make_inputs(batch=batch)
+  params = conditioning.init(jax.random.key(0), static, t, train=False)
+  rngs = {'condition': jax.random.key(3)}
+  null = always_null.apply(params, static, t, train=True, rngs=rngs)
+  is_null = lambda c: np.all(np.isclose(c, null, atol=1e-6), axis=1)
+  train = conditioning.apply(params, static, t, train=True, rngs=rngs)
+  share = is_null(train).mean()
+  assert abs(share - rate) < 4 * np.sqrt(rate * (1 - rate) / batch), share
+  assert not is_null(conditioning.apply(params, static, t, train=False)).any()
+  clean = jnp.zeros_like(t)  # the task heads' pass keeps its condition in training
+  np.testing.assert_array_equal(
+      always_null.apply(params, static, clean, train=True, rngs=rngs),
+      conditioning.apply(params, static, clean, train=False))
+
+
+def test_condition_dropout_reaches_the_model(tiny):
+  """With rate 1, training outputs ignore the static parameters."""
+  model, params, _ = tiny
+  x, static, t = make_inputs()
+  model = model.clone(cond_drop_rate=1.0, dropout=0.0)
+  rngs = {'dropout': jax.random.key(1), 'condition': jax.random.key(2)}
+  apply = fast_jit(lambda s: model.apply({'params': params}, x, s, t, train=True, rngs=rngs)[
+      'signal'], static)
+  np.testing.assert_allclose(apply(static), apply(static + 1.0), atol=1e-6)
+
+
+def test_s4d_kernel_one_mode_matches_closed_form():
+  """K_l = 2 Re(C (e^{dt A} - 1) / A e^{dt A l}) for A = -a + i w, as damped cosine/sine."""
+  a, w, dt, c = 0.7, 3.0, 0.05, 0.8 - 0.3j
+  kernel = s4.s4d_kernel(jnp.log(jnp.array([dt])), jnp.log(jnp.array([[a]])),
+                         jnp.array([[w]]), jnp.array([[c]], jnp.complex64), 64)[0]
+  l = np.arange(64)
+  big_a = complex(-a, w)
+  coeff = c * (np.exp(dt * big_a) - 1) / big_a
+  expected = 2 * np.exp(-a * dt * l) * (coeff.real * np.cos(w * dt * l)
+                                        - coeff.imag * np.sin(w * dt * l))
+  np.testing.assert_allclose(kernel, expected, rtol=1e-5, atol=1e-6)
+
+
+def _recurrence(params, prefix, u):
+  """Output of the discretised diagonal SSM of one channel run step by step: [L]."""
+  a = -np.exp(params[f'{prefix}_log_a_real'][0]) + 1j * params[f'{prefix}_a_imag'][0]
+  dt = np.exp(params[f'{prefix}_log_dt'][0])
+  c = params[f'{prefix}_c'][0, :, 0] + 1j * params[f'{prefix}_c'][0, :, 1]
+  state, out = np.zeros_like(a), []
+  for u_k in u:
+    state = np.exp(dt * a) * state + (np.exp(dt * a) - 1) / a * u_k
+    out.append(2 * np.real(np.sum(c * state)))
+  return np.array(out)
+
+
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_s4d_layer_equals_its_recurrence(bidirectional):
+  """FFT convolution = running the state-space recurrence (forwards, and backwards over the
+  strictly future samples), plus D u."""
+  layer = s4.S4D(d_state=3, bidirectional=bidirectional)
+  u = np.random.default_rng(0).normal(size=(1, 40, 1)).astype(np.float32)
+  params = jax.tree.map(np.asarray, layer.init(jax.random.key(0), u)['params'])
+  y = np.asarray(layer.apply({'params': params}, u))[0, :, 0]
+  expected = _recurrence(params, 'forward', u[0, :, 0]) + params['d'][0] * u[0, :, 0]
+  if bidirectional:
+    future = np.concatenate([u[0, 1:, 0], [0.0]])[::-1]  # u[i+1] for output i, reversed
+    expected += _recurrence(params, 'backward', future)[::-1]
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resampling_shapes():
+  x = jnp.ones((2, 52, 8))
+  down = layers.Downsample(16)
+  up = layers.Upsample(4)
+  assert down.apply(down.init(jax.random.key(0), x), x).shape == (2, 26, 16)
+  assert up.apply(up.init(jax.random.key(0), x), x).shape == (2, 104, 4)
+
+
+def test_bounded_log_scale_keeps_a_gradient():
+  raw = jnp.array([-1e3, -30.0, 0.0, 30.0, 1e3])
+  values = heads.bounded_log_scale(raw)
+  grads = jax.vmap(jax.grad(heads.bounded_log_scale))(raw)
+  assert float(jnp.max(jnp.abs(values))) < heads.LOG_SCALE_BOUND
+  assert bool(jnp.all(grads > 0)) and float(grads[2]) == 1.0
