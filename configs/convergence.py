@@ -14,4 +14,10 @@ from configs import presets
 
 
 def get_config(preset=''):
-  return presets.apply(default.get_config(), preset)
+  config = presets.apply(default.get_config(), preset)
+  if preset == 'demo':
+    # The demo's ~24 updates per epoch (the full run has ~300) move the parameters too little
+    # at 1e-5 to show learning in minutes. Measured on the demo: val total 1.864 -> 1.834 in 8
+    # epochs at 1e-5; 1.831 -> 1.168 in 6 epochs at 3e-4.
+    config.training.learning_rate = 3e-4
+  return config
