@@ -11,11 +11,19 @@ Conventions:
     micro-steps; an epoch is a whole number of updates (leftover micro-batches of the
     training split are not used that epoch, so no gradient crosses an epoch boundary);
   * the RNG of micro-step s is fold_in(state.rng, s): a pure function of (seed, s).
+
+Checkpoints (jaxtrain/checkpoint.py, which states the step convention) are saved at the end of
+every `checkpoint.save_every_epochs`-th epoch, at every new best validation total, at the end,
+every `checkpoint.checkpoint_every_minutes` at the next update boundary, and on SIGTERM/SIGINT;
+`train_and_evaluate` on a workdir that has them resumes exactly where the last one was taken.
 """
 
+import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -28,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtrain import checkpoint
 from jaxtrain import data
 from jaxtrain import evaluation
 from jaxtrain import losses
@@ -306,7 +315,7 @@ def _write_run_files(config, workdir, trainer, num_params):
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  with open(os.path.join(workdir, checkpoint.CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   info = {'steps_per_epoch': trainer.steps_per_epoch,
           'micro_batches_per_epoch': trainer.micro_per_epoch,
@@ -316,81 +325,346 @@ def _write_run_files(config, workdir, trainer, num_params):
     json.dump(info, f, indent=2, default=str)
 
 
+def _rewind_metrics(workdir, step):
+  """Drops the rows of metrics.jsonl that a run resumed from checkpoint `step` writes again.
+
+  Those are the rows after `step` and the test rows, so that the file ends as an uninterrupted
+  run's; a last line torn by a kill goes too.
+  """
+  path = os.path.join(workdir, writers.METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row['step'] <= step and row['split'] != 'test':
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if len(kept) < len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    logging.info('Dropped %d rows of %s written after step %d; they will be written again.',
+                 len(lines) - len(kept), path, step)
+
+
+def _plain(value):
+  """A JSON-able Python number for the checkpoint's history (NaN stays NaN)."""
+  return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything a checkpoint restores: the arrays of the loop and its host-side state.
+
+  `epoch` is the epoch being trained (1-based) and `micro_batch` the micro-batches of it done;
+  both are at an optimizer-update boundary whenever a checkpoint is taken.
+  """
+  state: TrainState
+  window: LossMetrics  # Loss sums of the current logging window.
+  epoch_acc: LossMetrics  # Loss sums of the current epoch.
+  epoch: int
+  micro_batch: int
+  stopper: EarlyStopping
+  best_val: float  # Lowest validation total so far: a lower one is saved at once.
+  history: list  # Train and val epoch rows, for the monitor.
+
+  def update(self, steps_per_epoch, accumulation_steps):
+    """Optimizer updates done."""
+    return (self.epoch - 1) * steps_per_epoch + self.micro_batch // accumulation_steps
+
+  def arrays(self):
+    return checkpoint_arrays(self.state, self.window, self.epoch_acc)
+
+  def meta(self):
+    """The `meta` item of a checkpoint (JSON)."""
+    return {'epoch': self.epoch, 'micro_batch': self.micro_batch,
+            'early_stopping': {'best': self.stopper.best, 'bad_epochs': self.stopper.bad_epochs},
+            'best_val': self.best_val, 'history': self.history}
+
+  @classmethod
+  def restored(cls, config, params, arrays, meta):
+    t = config.training
+    state = TrainState(step=arrays['step'], params=params, opt_state=arrays['opt_state'],
+                       rng=arrays['rng'])
+    stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
+                            **meta['early_stopping'])
+    return cls(state, arrays['window'], arrays['epoch_metrics'], meta['epoch'],
+               meta['micro_batch'], stopper, meta['best_val'], meta['history'])
+
+
+def checkpoint_arrays(state, window, epoch_acc):
+  """The `train` item of a checkpoint: every array of the training loop but the parameters.
+
+  Args:
+    state: TrainState (its `step`, `opt_state` and `rng` are taken).
+    window, epoch_acc: LossMetrics of the logging window and of the epoch.
+  """
+  return {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng, 'window': window,
+          'epoch_metrics': epoch_acc}
+
+
+def _abstract_targets(trainer):
+  """Abstract (params, train item) of this run, replicated over the current mesh."""
+  state = checkpoint.abstract_tree(jax.eval_shape(trainer.init_state), trainer.replicated)
+  metrics = checkpoint.abstract_tree(jax.eval_shape(trainer.empty_metrics), trainer.replicated)
+  return state.params, checkpoint_arrays(state, metrics, metrics)
+
+
+def _start(config, trainer, ckpt, abstract_params, abstract_arrays):
+  """The run restored from the latest good checkpoint, or a fresh one (from `init_from`)."""
+  had_checkpoints = bool(ckpt.steps)
+  restored = ckpt.restore_latest(abstract_params, abstract_arrays)
+  if restored is not None:
+    step, params, arrays, meta = restored
+    logging.info('Resuming from checkpoint %d in %s: epoch %d, micro-batch %d; training '
+                 'continues with optimizer update %d%s.', step, ckpt.directory,
+                 meta['epoch'], meta['micro_batch'], step + 1,
+                 f' (init_from={config.init_from} applies to new runs only)'
+                 if config.init_from else '')
+    return _Run.restored(config, params, arrays, meta)
+  if had_checkpoints:
+    logging.warning('No checkpoint in %s restores: starting from scratch.', ckpt.directory)
+  state = trainer.init_state()
+  if config.init_from:
+    checkpoint.check_init_config(config.init_from, config)
+    step, params = checkpoint.load_best_params(config.init_from, abstract_params)
+    state = state.replace(params=params)
+    logging.info('Initialised the parameters from the best checkpoint (%d) of %s; the optimizer '
+                 'starts fresh.', step, config.init_from)
+  t = config.training
+  return _Run(state, trainer.empty_metrics(), trainer.empty_metrics(), epoch=1, micro_batch=0,
+              stopper=EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta),
+              best_val=float('inf'), history=[])
+
+
+def _replayed_monitor(config, history):
+  """A Monitor that has seen the epochs of `history` (so it warns only about new findings)."""
+  monitor = monitors.Monitor(config)
+  for row in history:
+    if row['split'] == 'val':
+      monitor.check(row['epoch'], [r for r in history if r['epoch'] <= row['epoch']], row)
+  return monitor
+
+
+class _StopRequest:
+  """Turns SIGTERM and SIGINT into a request to save and stop at the next update boundary.
+
+  The first signal restores the previous handlers, so a second one acts at once (e.g. Ctrl-C
+  twice interrupts without saving).
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None  # Name of the signal received, e.g. 'SIGTERM'.
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    else:  # Python delivers signals to the main thread only.
+      logging.warning('Training outside the main thread: SIGTERM/SIGINT will not save.')
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+    logging.warning('%s received: finishing the current optimizer update, then saving a '
+                    'checkpoint and stopping (send it again to stop at once, without saving).',
+                    self.received)
+    self._restore()
+
+  def _restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def __exit__(self, *exc_info):
+    self._restore()
+
+
+class _Loop:
+  """The epoch loop of one run: training, logging, validation, early stopping, saves."""
+
+  def __init__(self, config, trainer, ckpt, writer, run, stop):
+    self.config, self.trainer, self.ckpt, self.writer = config, trainer, ckpt, writer
+    self.run, self.stop = run, stop
+    self.monitor = _replayed_monitor(config, run.history)
+    t = config.training
+    self.total_steps = t.num_epochs * trainer.steps_per_epoch
+    self.save_interval = config.checkpoint.checkpoint_every_minutes * 60.0
+    self.last_save = self.window_start = time.monotonic()
+
+  @property
+  def update(self):
+    return self.run.update(self.trainer.steps_per_epoch, self.config.training.accumulation_steps)
+
+  def train(self):
+    """Trains until the last epoch, early stopping or a stop request.
+
+    Returns:
+      The name of the signal that stopped training after saving a checkpoint, else None.
+    """
+    t, run = self.config.training, self.run
+    while run.epoch <= t.num_epochs and not run.stopper.should_stop:
+      for batch in self.trainer.train_batches(run.epoch, start=run.micro_batch):
+        run.state, run.window, run.epoch_acc = self.trainer.train_micro_step(
+            run.state, run.window, run.epoch_acc, batch)
+        run.micro_batch += 1
+        if run.micro_batch % t.accumulation_steps:
+          continue  # Mid-accumulation: no update boundary, nothing to log or save.
+        if self.update % t.log_every_steps == 0:
+          self._log_window()
+        stopping = self.stop.received  # Read once: a later signal waits for the next boundary.
+        # The last update of an epoch saves after the epoch's bookkeeping (_end_epoch).
+        if run.micro_batch < self.trainer.micro_per_epoch and (
+            stopping or self._timer_expired()):
+          self._save()
+          if stopping:
+            return stopping
+      val_total, save_due = self._end_epoch()
+      stopping = self.stop.received
+      if save_due or stopping:
+        self._save(val_total)
+      if stopping:
+        return stopping
+    return None
+
+  def _timer_expired(self):
+    return self.save_interval > 0 and time.monotonic() - self.last_save >= self.save_interval
+
+  def _log_window(self):
+    t, run = self.config.training, self.run
+    rate = t.log_every_steps / (time.monotonic() - self.window_start)
+    _check_finite(run.window, t.accumulation_steps)
+    scalars = summarize(run.window, self.trainer.weights)
+    scalars.update(lr=float(optim.applied_learning_rate(run.state.opt_state)),
+                   steps_per_sec=rate)
+    eta = (self.total_steps - self.update) / rate
+    self.writer.write(self.update, run.epoch, 'train', 'window', scalars,
+                      f' | {rate:.2f} steps/s, ETA {eta / 60:.1f} min')
+    run.window, self.window_start = self.trainer.empty_metrics(), time.monotonic()
+
+  def _end_epoch(self):
+    """Epoch means, validation, monitor and early stopping of the epoch just trained.
+
+    Returns:
+      (the validation total, whether an epoch-end checkpoint is due).
+    """
+    t, run, epoch, update = self.config.training, self.run, self.run.epoch, self.update
+    lr = float(optim.applied_learning_rate(run.state.opt_state))
+    _check_finite(run.epoch_acc, t.accumulation_steps)
+    train_scalars = summarize(run.epoch_acc, self.trainer.weights)
+    self.writer.write(update, epoch, 'train', 'epoch', dict(train_scalars, lr=lr))
+    val_scalars, _ = self.trainer.evaluate(run.state.params, 'val')
+    self.writer.write(update, epoch, 'val', 'epoch', dict(val_scalars, lr=lr))
+    for split, scalars in (('train', train_scalars), ('val', val_scalars)):
+      row = dict(scalars, epoch=epoch, split=split, lr=lr)
+      run.history.append({k: _plain(v) for k, v in row.items()})
+    for warning in self.monitor.check(epoch, run.history, val_scalars):
+      logging.warning('Epoch %d: %s', epoch, warning)
+    val_total = val_scalars['loss/total']
+    run.stopper.update(val_total)
+    new_best = val_total < run.best_val  # Saved at once, so the best is never lost.
+    run.best_val = min(run.best_val, val_total)
+    if run.stopper.should_stop:
+      logging.info('Early stopping after epoch %d: no val improvement of %g for %d epochs.',
+                   epoch, t.early_stopping_min_delta, run.stopper.bad_epochs)
+    run.epoch, run.micro_batch, run.epoch_acc = epoch + 1, 0, self.trainer.empty_metrics()
+    save_due = (epoch % self.config.checkpoint.save_every_epochs == 0 or new_best
+                or epoch == t.num_epochs or run.stopper.should_stop or self._timer_expired())
+    return val_total, save_due
+
+  def _save(self, val_total=None):
+    """Saves checkpoint `update` (asynchronously), never after a non-finite step."""
+    run, accumulation = self.run, self.config.training.accumulation_steps
+    _check_finite(run.window, accumulation)
+    _check_finite(run.epoch_acc, accumulation)
+    self.ckpt.save(self.update, run.state.params, run.arrays(), run.meta(), val_total)
+    self.last_save = time.monotonic()
+
+
+def _final_params(ckpt, run, abstract_params):
+  """Parameters of the best checkpoint (lowest val total), else the last ones."""
+  ckpt.manager.wait_until_finished()
+  best = ckpt.best_params(abstract_params)
+  if best is None:
+    logging.warning('No checkpoint with a finite validation total: testing the last parameters.')
+    return run.state.params
+  logging.info('Testing the parameters of the best checkpoint, %d.', best[0])
+  return best[1]
+
+
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, evaluating on val every epoch and on test at the end.
 
+  Resumes from the latest good checkpoint in `workdir/checkpoints` when there is one (see
+  jaxtrain.checkpoint). SIGTERM or SIGINT saves a checkpoint at the next optimizer-update
+  boundary and returns early; running the same call again continues the run.
+
   Returns:
-    dict with the final TrainState ('state'), the best val total ('best_val') and the test
-    scalars ('test').
+    dict with the final TrainState ('state'), the best val total ('best_val'), the test scalars
+    ('test'; None when stopped early by a signal), and 'stopped_by' (the name of the signal that
+    stopped training, else None) with 'step', the last optimizer update.
   """
-  ds = data.load_dataset(config)
-  trainer = Trainer(config, workdir, ds)
-  t = config.training
-  state = trainer.init_state()
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  overview = parameter_overview.get_parameter_overview(state.params, include_stats=False)
-  logging.info('Model: %d parameters.\n%s', num_params, overview)
-  logging.info('%d devices; %d micro-batches of %d = %d optimizer updates per epoch.',
-               jax.device_count(), trainer.micro_per_epoch, t.batch_size,
-               trainer.steps_per_epoch)
-  _write_run_files(config, workdir, trainer, num_params)
-  writer = writers.MetricWriter(workdir)
-  writer.text('parameters', f'{num_params} parameters\n\n```\n{overview}\n```')
-  monitor = monitors.Monitor(config)
-  stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta)
-  total_steps = t.num_epochs * trainer.steps_per_epoch
-  best_params = None
-  history = []
-  window, epoch_acc = trainer.empty_metrics(), trainer.empty_metrics()
-  window_start = time.perf_counter()
+  ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
+  writer = None
   try:
-    for epoch in range(1, t.num_epochs + 1):
-      for micro, batch in enumerate(trainer.train_batches(epoch, start=0)):
-        state, window, epoch_acc = trainer.train_micro_step(state, window, epoch_acc, batch)
-        done = (micro + 1) % t.accumulation_steps == 0
-        update = (epoch - 1) * trainer.steps_per_epoch + (micro + 1) // t.accumulation_steps
-        if done and update % t.log_every_steps == 0:
-          now = time.perf_counter()
-          rate = t.log_every_steps / (now - window_start)
-          scalars = _check_finite(summarize(window, trainer.weights), window, t.accumulation_steps)
-          scalars.update(lr=float(optim.applied_learning_rate(state.opt_state)),
-                         steps_per_sec=rate)
-          eta = (total_steps - update) / rate
-          writer.write(update, epoch, 'train', 'window', scalars,
-                       f' | {rate:.2f} steps/s, ETA {eta / 60:.1f} min')
-          window, window_start = trainer.empty_metrics(), time.perf_counter()
-      update = epoch * trainer.steps_per_epoch
-      lr = float(optim.applied_learning_rate(state.opt_state))
-      train_scalars = _check_finite(summarize(epoch_acc, trainer.weights), epoch_acc,
-                                    t.accumulation_steps)
-      writer.write(update, epoch, 'train', 'epoch', dict(train_scalars, lr=lr))
-      val_scalars, _ = trainer.evaluate(state.params, 'val')
-      writer.write(update, epoch, 'val', 'epoch', dict(val_scalars, lr=lr))
-      history += [dict(train_scalars, epoch=epoch, split='train', lr=lr),
-                  dict(val_scalars, epoch=epoch, split='val', lr=lr)]
-      for warning in monitor.check(epoch, history, val_scalars):
-        logging.warning('Epoch %d: %s', epoch, warning)
-      if stopper.update(val_scalars['loss/total']):
-        best_params = jax.tree.map(jnp.copy, state.params)
-      epoch_acc = trainer.empty_metrics()
-      if stopper.should_stop:
-        logging.info('Early stopping after epoch %d: no val improvement of %g for %d epochs.',
-                     epoch, t.early_stopping_min_delta, stopper.bad_epochs)
-        break
-    test_scalars, test_preds = trainer.evaluate(best_params, 'test')
-    writer.write(update, epoch, 'test', 'epoch', test_scalars)
-    if jax.process_index() == 0:
-      evaluation.save_predictions(os.path.join(workdir, 'predictions', 'test.npz'),
-                                  test_preds, ds.test, ds.normalizer)
+    if ckpt.steps:
+      checkpoint.check_resume_config(workdir, config)
+    ds = data.load_dataset(config)
+    trainer = Trainer(config, workdir, ds)
+    t = config.training
+    abstract_params, abstract_arrays = _abstract_targets(trainer)
+    run = _start(config, trainer, ckpt, abstract_params, abstract_arrays)
+    _rewind_metrics(workdir, run.update(trainer.steps_per_epoch, t.accumulation_steps))
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.state.params))
+    overview = parameter_overview.get_parameter_overview(run.state.params, include_stats=False)
+    logging.info('Model: %d parameters.\n%s', num_params, overview)
+    logging.info('%d devices; %d micro-batches of %d = %d optimizer updates per epoch.',
+                 jax.device_count(), trainer.micro_per_epoch, t.batch_size,
+                 trainer.steps_per_epoch)
+    _write_run_files(config, workdir, trainer, num_params)
+    writer = writers.MetricWriter(workdir)
+    writer.text('parameters', f'{num_params} parameters\n\n```\n{overview}\n```')
+    with _StopRequest() as stop:
+      loop = _Loop(config, trainer, ckpt, writer, run, stop)
+      try:
+        stopped_by = loop.train()
+      except FloatingPointError as e:
+        ckpt.manager.wait_until_finished()
+        raise FloatingPointError(
+            f'{e} Latest checkpoint: {max(ckpt.steps, default="none")} in '
+            f'{ckpt.directory}.') from None
+    result = {'state': run.state, 'best_val': run.stopper.best, 'test': None,
+              'stopped_by': stopped_by, 'step': loop.update}
+    if not stopped_by:
+      params = _final_params(ckpt, run, abstract_params)
+      result['test'], test_preds = trainer.evaluate(params, 'test')
+      writer.write(loop.update, run.epoch - 1, 'test', 'epoch', result['test'])
+      if jax.process_index() == 0:
+        evaluation.save_predictions(os.path.join(workdir, 'predictions', 'test.npz'),
+                                    test_preds, ds.test, ds.normalizer)
   finally:
-    writer.close()
+    ckpt.close()  # Waits for the save in flight: a process that exits now loses nothing.
+    if writer is not None:
+      writer.close()
+  if stopped_by:
+    logging.warning('Stopped by %s after optimizer update %d, saved as checkpoint %d in %s. To '
+                    'resume, run the same command with the same workdir (%s).', stopped_by,
+                    loop.update, loop.update, ckpt.directory, workdir)
+    return result
   if jax.process_index() == 0:
     report.write_report(workdir)
   logging.info('Compile times: %s', {k: round(v, 2) for k, v in trainer.compile_seconds.items()})
-  return {'state': state, 'best_val': stopper.best, 'test': test_scalars}
+  return result
 
 
-def _check_finite(scalars, collection, accumulation_steps):
+def _check_finite(collection, accumulation_steps):
   """Raises FloatingPointError naming the step and terms of the first non-finite micro-step."""
   first = jax.device_get(collection.nonfinite)
   if first.step >= 0:
@@ -399,6 +673,6 @@ def _check_finite(scalars, collection, accumulation_steps):
       names.append('gradients')
     raise FloatingPointError(
         f'Non-finite values at micro-step {int(first.step)} (during optimizer update '
-        f'{int(first.step) // accumulation_steps + 1}): {", ".join(names)}. Parameters were not updated from that '
-        'micro-step on; the last checkpoint is the last good state.')
-  return scalars
+        f'{int(first.step) // accumulation_steps + 1}): {", ".join(names)}. Parameters were not '
+        'updated from that micro-step on, and no checkpoint is written after it, so the latest '
+        'checkpoint is the last good state.')

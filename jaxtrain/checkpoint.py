@@ -1,0 +1,278 @@
+"""Orbax checkpoints of a run in `workdir/checkpoints`: exact resume, best model, faults.
+
+Step convention (the one place it is stated): checkpoints are taken only at optimizer-update
+boundaries, and checkpoint `s` holds the state after optimizer update `s` (after the whole
+epoch's bookkeeping when `s` ends an epoch); a run resumed from it continues with update
+`s + 1`. Rows of metrics.jsonl with `step <= s` were written before checkpoint `s` was saved.
+
+A checkpoint has three items:
+  * `params`: the model parameters alone, so evaluation and fine-tuning read no optimizer state;
+  * `train`: every other array of the loop (micro-step count, RNG key, the full optax state with
+    the MultiSteps accumulator, AdamW moments, schedule count and applied learning rate, and the
+    logging-window and epoch loss accumulators);
+  * `meta`: JSON of the host-side state (data position, early stopping, monitor history).
+Epoch-end checkpoints carry the validation total as their orbax metric. Retention keeps the
+latest `keep` checkpoints and, besides, the one with the lowest validation total.
+
+Restores use abstract targets carrying the current mesh's sharding, so a checkpoint written on
+N devices (or on a GPU or TPU) restores on M devices or on a CPU.
+"""
+
+import json
+import math
+import os
+import shutil
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+# Checkpoints that failed to restore are moved here, out of orbax's sight, so that the run can
+# save their steps again and the evidence is kept.
+CORRUPT_DIR = 'checkpoints_corrupt'
+CONFIG_FILE = 'config.json'
+VAL_METRIC = 'val_total'
+METRICS_ITEM = 'metrics'  # Orbax keeps a step's metrics in <step>/metrics/metrics.
+ITEMS = ('params', 'train', 'meta')
+# Config keys that change the shapes of the saved arrays or what a saved data position means
+# (a prefix ending in '.' covers its whole section). A run does not resume under a config that
+# differs in one of them; other differences (epochs, logging, learning rate...) are logged.
+STRUCTURAL_KEYS = ('model.', 'data.', 'training.batch_size', 'training.accumulation_steps')
+
+
+def _val_total(metrics):
+  """Ranking metric of a checkpoint: mid-epoch ones carry no validation total and rank last."""
+  return metrics.get(VAL_METRIC, math.inf)
+
+
+def _options(keep):
+  policies = ocp.checkpoint_managers
+  return ocp.CheckpointManagerOptions(
+      # The training loop decides when to save (epoch ends, new best, timer, signals).
+      save_decision_policy=policies.FixedIntervalPolicy(1),
+      # The union: best-only retention would delete the newest checkpoint (orbax#526).
+      preservation_policy=policies.AnyPreservationPolicy([
+          policies.LatestN(keep), policies.BestN(get_metric_fn=_val_total, reverse=True, n=1)]),
+      # Not for retention (the policy above decides alone): without best_fn orbax keeps the
+      # metrics in memory only, so after a restart BestN would not know the best checkpoint.
+      best_fn=_val_total, best_mode='min',
+      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+
+
+def _read_only_options():
+  """For another run's checkpoints: nothing is created, saved, cleaned up or deleted."""
+  return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+
+
+def _checkpoint_dir(path):
+  """`path/checkpoints` when `path` is a workdir, else `path` itself (a checkpoint directory)."""
+  inner = os.path.join(path, CHECKPOINT_DIR)
+  return inner if os.path.isdir(inner) else path
+
+
+def abstract_tree(shapes, sharding):
+  """ShapeDtypeStructs of `shapes` (e.g. from `jax.eval_shape`) placed with `sharding`."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+class Checkpoints:
+  """The CheckpointManager of one run, with fallback past checkpoints that fail to restore."""
+
+  def __init__(self, workdir, keep):
+    self.workdir = workdir
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if os.path.isdir(self.directory):
+      half_written = ocp.path.step.tmp_checkpoints(self.directory)
+      if half_written:
+        logging.warning('Ignoring half-written checkpoint(s) in %s (a save was interrupted): %s.',
+                        self.directory, ', '.join(sorted(half_written)))
+      for step in _steps_with_unreadable_metrics(self.directory):
+        logging.error('Checkpoint %d in %s has an unreadable metrics file; moving it to %s.',
+                      step, self.directory, CORRUPT_DIR)
+        self._move_aside(step)
+    self.manager = ocp.CheckpointManager(self.directory, options=_options(keep),
+                                         item_names=ITEMS)
+
+  @property
+  def steps(self):
+    return self.manager.all_steps()
+
+  def save(self, step, params, train, meta, val_total=None):
+    """Starts an asynchronous save of checkpoint `step`; returns after the device-to-host copy.
+
+    Args:
+      step: optimizer updates done.
+      params: parameter pytree.
+      train: pytree of the other arrays of the loop.
+      meta: JSON-able dict.
+      val_total: the epoch's validation total (epoch ends only; ranks the best checkpoint).
+    """
+    self.manager.wait_until_finished()  # Never two saves in flight.
+    finite = val_total is not None and math.isfinite(val_total)
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+        meta=ocp.args.JsonSave(meta)), metrics={VAL_METRIC: val_total} if finite else {})
+
+  def restore_latest(self, abstract_params, abstract_train):
+    """The newest checkpoint that restores, as (step, params, train, meta); None when none does.
+
+    A checkpoint that fails to restore (truncated or missing file, bad JSON) is reported and
+    moved to `workdir/checkpoints_corrupt`, and the one before it is tried.
+    """
+    for step in sorted(self.steps, reverse=True):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            train=ocp.args.StandardRestore(abstract_train), meta=ocp.args.JsonRestore()))
+        return step, out.params, out.train, out.meta
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('Checkpoint %d in %s does not restore (%s: %s); moving it to %s and '
+                      'trying the previous one.', step, self.directory, type(e).__name__,
+                      str(e)[:500], CORRUPT_DIR)
+        self._move_aside(step)
+        self.manager.reload()
+    return None
+
+  def _move_aside(self, step):
+    """Moves checkpoint `step` to `workdir/checkpoints_corrupt`, where orbax does not look."""
+    if jax.process_index() == 0:
+      target = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+      shutil.rmtree(target, ignore_errors=True)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
+
+  def best_params(self, abstract_params):
+    """(step, params) of the checkpoint with the lowest validation total; None if none has one."""
+    return _restore_best_params(self.manager, abstract_params)
+
+  def close(self):
+    """Waits for the save in flight to commit, then releases the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _steps_with_unreadable_metrics(directory):
+  """Steps whose orbax metrics file does not parse: the manager reads them all when it starts
+  and would fail, leaving no checkpoint to fall back to."""
+  bad = []
+  for step in ocp.path.step.checkpoint_steps(directory):
+    path = os.path.join(directory, str(step), METRICS_ITEM, METRICS_ITEM)
+    try:
+      if os.path.exists(path):
+        with open(path) as f:
+          json.load(f)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+      bad.append(step)
+  return bad
+
+
+def _restore_best_params(manager, abstract_params):
+  """(step, params) of the lowest-val-total checkpoint that restores, or None."""
+  ranked = sorted((m[VAL_METRIC], step) for step in manager.all_steps()
+                  if (m := manager.metrics(step)) is not None and VAL_METRIC in m)
+  for _, step in ranked:
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))
+      return step, out.params
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Best-checkpoint candidate %d in %s does not restore (%s: %s); trying the '
+                    'next best.', step, manager.directory, type(e).__name__, str(e)[:500])
+  return None
+
+
+def load_best_params(path, abstract_params):
+  """Parameters of the best checkpoint (lowest validation total) of a run, without its optimizer.
+
+  Args:
+    path: a run's workdir or its checkpoints directory.
+    abstract_params: ShapeDtypeStructs of the parameters with the target sharding (see
+      `abstract_tree`).
+
+  Returns:
+    (step, params).
+  """
+  directory = _checkpoint_dir(os.path.abspath(path))
+  manager = ocp.CheckpointManager(directory, options=_read_only_options(), item_names=ITEMS)
+  try:
+    found = _restore_best_params(manager, abstract_params)
+  finally:
+    manager.close()
+  if found is None:
+    raise FileNotFoundError(f'No restorable checkpoint with a validation total in {directory}.')
+  return found
+
+
+def _flatten(tree, prefix=''):
+  """{'a.b': leaf} of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_differences(saved, requested):
+  """{dotted key: (saved value, requested value)} where two config dicts differ (None: absent)."""
+  a, b = _flatten(saved), _flatten(requested)
+  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def is_structural(key):
+  return any(key == k or (k.endswith('.') and key.startswith(k)) for k in STRUCTURAL_KEYS)
+
+
+def config_as_dict(config):
+  """The JSON form of a ConfigDict, as `config.json` holds it."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _read_config(path):
+  file = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(file):
+    return None
+  with open(file) as f:
+    return json.load(f)
+
+
+def _describe(differences):
+  return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differences.items())
+
+
+def check_resume_config(workdir, config):
+  """Refuses to resume `workdir` under a config that changes shapes; logs harmless changes.
+
+  Raises:
+    ValueError: listing the structural keys whose values differ from the saved config.json.
+  """
+  saved = _read_config(workdir)
+  if saved is None:
+    return
+  differences = config_differences(saved, config_as_dict(config))
+  structural = {k: v for k, v in differences.items() if is_structural(k)}
+  if structural:
+    raise ValueError(
+        f'{workdir} holds checkpoints of a run whose config differs in keys that change the '
+        f'saved shapes or the data position, so it cannot resume under this config: '
+        f'{_describe(structural)}. Use a new --workdir, or the saved values '
+        f'({os.path.join(workdir, CONFIG_FILE)}).')
+  if differences:
+    logging.warning('Resuming %s under a config that differs from the saved one in: %s.',
+                    workdir, _describe(differences))
+
+
+def check_init_config(path, config):
+  """Refuses `init_from=path` when that run's model config differs from this one's."""
+  saved = _read_config(path)
+  if saved is None:
+    return
+  differences = config_differences(saved.get('model', {}), config_as_dict(config)['model'])
+  if differences:
+    raise ValueError(f'init_from={path}: its model config differs from this one: '
+                     f'{_describe({"model." + k: v for k, v in differences.items()})}.')
