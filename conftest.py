@@ -1,1 +1,13 @@
-"""Puts the repository root on sys.path so tests import `configs` and `jaxtrain` from the tree."""
+"""Test-session set-up. Pytest imports this first, from the repository root, which also puts
+the root on sys.path so that tests import `configs` and `jaxtrain` from the tree.
+
+The suite compiles many small train steps (subprocesses included: they inherit the
+environment). XLA:CPU's backend optimisation level 0 compiles them about 40 % faster; the
+tests compare runs made under the same flags, so their results do not depend on it.
+"""
+
+import os
+
+_FAST_COMPILE = '--xla_backend_optimization_level=0'
+if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_COMPILE}'.strip()

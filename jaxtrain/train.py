@@ -48,8 +48,7 @@ from jaxtrain import writers
 
 # Loss components, in the order they are reported; config.loss.weights names 'class'
 # 'classification'.
-TERMS = ('signal', 'peak_exist', 'peak_latency', 'peak_amplitude', 'class', 'threshold')
-WEIGHT_KEYS = {'class': 'classification'}
+TERMS, WEIGHT_KEYS = losses.TERMS, losses.WEIGHT_KEYS
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -325,33 +324,6 @@ def _write_run_files(config, workdir, trainer, num_params):
     json.dump(info, f, indent=2, default=str)
 
 
-def _rewind_metrics(workdir, step):
-  """Drops the rows of metrics.jsonl that a run resumed from checkpoint `step` writes again.
-
-  Those are the rows after `step` and the test rows, so that the file ends as an uninterrupted
-  run's; a last line torn by a kill goes too.
-  """
-  path = os.path.join(workdir, writers.METRICS_FILE)
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  kept = []
-  for line in lines:
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if row['step'] <= step and row['split'] != 'test':
-      kept.append(line if line.endswith('\n') else line + '\n')
-  if len(kept) < len(lines):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
-    logging.info('Dropped %d rows of %s written after step %d; they will be written again.',
-                 len(lines) - len(kept), path, step)
-
-
 def _plain(value):
   """A JSON-able Python number for the checkpoint's history (NaN stays NaN)."""
   return value.item() if isinstance(value, np.generic) else value
@@ -621,7 +593,6 @@ def train_and_evaluate(config, workdir):
     t = config.training
     abstract_params, abstract_arrays = _abstract_targets(trainer)
     run = _start(config, trainer, ckpt, abstract_params, abstract_arrays)
-    _rewind_metrics(workdir, run.update(trainer.steps_per_epoch, t.accumulation_steps))
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.state.params))
     overview = parameter_overview.get_parameter_overview(run.state.params, include_stats=False)
     logging.info('Model: %d parameters.\n%s', num_params, overview)
@@ -629,7 +600,8 @@ def train_and_evaluate(config, workdir):
                  jax.device_count(), trainer.micro_per_epoch, t.batch_size,
                  trainer.steps_per_epoch)
     _write_run_files(config, workdir, trainer, num_params)
-    writer = writers.MetricWriter(workdir)
+    writer = writers.MetricWriter(
+        workdir, resume_step=run.update(trainer.steps_per_epoch, t.accumulation_steps))
     writer.text('parameters', f'{num_params} parameters\n\n```\n{overview}\n```')
     with _StopRequest() as stop:
       loop = _Loop(config, trainer, ckpt, writer, run, stop)

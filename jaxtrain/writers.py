@@ -31,6 +31,32 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _rewind(path, step):
+  """Drops the rows of metrics.jsonl that a run resumed from update `step` writes again.
+
+  Those are the rows after `step` and the test rows, so that the file ends as an uninterrupted
+  run's; a last line torn by a kill goes too.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row['step'] <= step and row['split'] != 'test':
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if len(kept) < len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    logging.info('Dropped %d rows of %s written after step %d; they will be written again.',
+                 len(lines) - len(kept), path, step)
+
+
 class MetricWriter:
   """Writes one row of metrics to the console, TensorBoard and metrics.jsonl at once.
 
@@ -38,13 +64,19 @@ class MetricWriter:
   rows, all on the optimizer-update axis, so epoch means never share a curve with window means.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step=0):
+    """Appends to the workdir's metrics; a run resumed after update `resume_step` first drops
+    what it will write again (rows and TensorBoard events after that step, and test rows)."""
     self._active = jax.process_index() == 0
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    path = os.path.join(workdir, METRICS_FILE)
+    if resume_step:
+      _rewind(path, resume_step)
+    self._jsonl = open(path, 'a')
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                          purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step, epoch, split, scope, scalars, console_extra=''):
     """Writes `scalars` (name -> number) measured at optimizer update `step` of `epoch`."""

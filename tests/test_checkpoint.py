@@ -111,7 +111,8 @@ def _env(cache_dir, devices=1, **faults):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', PYTHONPATH=ROOT)
+             XLA_FLAGS=(f'{os.environ.get("XLA_FLAGS", "")} '
+                        f'--xla_force_host_platform_device_count={devices}'), PYTHONPATH=ROOT)
   env.update({f'JT_{k.upper()}': str(v) for k, v in faults.items()})
   return env
 
@@ -358,5 +359,5 @@ def test_rewind_drops_rows_after_the_step_test_rows_and_a_torn_line(tmp_path):
           ((1, 'train'), (2, 'train'), (2, 'val'), (3, 'train'), (2, 'test'))]
   path = tmp_path / writers.METRICS_FILE
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 4, "ep')
-  train._rewind_metrics(str(tmp_path), 2)  # pylint: disable=protected-access
+  writers.MetricWriter(str(tmp_path), resume_step=2).close()
   assert writers.read_metrics(str(tmp_path)) == rows[:3]

@@ -165,7 +165,8 @@ except ValueError as e:
 
 
 def _run_on(devices, workdir, *args):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=(f'{os.environ.get("XLA_FLAGS", "")} '
+                        f'--xla_force_host_platform_device_count={devices}'),
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _DEVICES_SCRIPT, workdir, *args], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)

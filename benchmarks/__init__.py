@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print figures (speed, size); no assertions."""
