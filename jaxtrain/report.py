@@ -367,6 +367,13 @@ def _plot_losses(ax, run, key, style=None, label_prefix=''):
   return plotted
 
 
+
+def _save(fig, path, **savefig_kwargs):
+  """Lays out, writes and closes a figure (closed figures free matplotlib's memory)."""
+  fig.tight_layout()
+  fig.savefig(path, **savefig_kwargs)
+  plt.close(fig)
+
 def figure_loss_total(run, path):
   fig, ax = plt.subplots(figsize=(8, 5))
   plotted = _plot_losses(ax, run, 'loss/total')
@@ -384,9 +391,7 @@ def figure_loss_total(run, path):
          xlabel='epochs completed', ylabel='loss/total')
   ax.grid(alpha=0.3, which='both')
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
 
 
 def figure_loss_components(run, path):
@@ -413,9 +418,7 @@ def figure_loss_components(run, path):
   ax.text(0.1, 0.2, 'solid: train (epoch mean)\ndashed: validation\n'
           'grey dashed vertical: LR restart\ngrey dotted: warm-up end', va='center')
   fig.suptitle(f'{run.name}: loss components (unweighted means)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path, dpi=100)
 
 
 def _schedule_curve(run, max_step):
@@ -445,9 +448,7 @@ def figure_lr(run, path):
          f'{run.steps_per_epoch})', ylabel='learning rate')
   ax.grid(alpha=0.3, which='both')
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
 
 
 def figure_confusion(run, path):
@@ -469,9 +470,7 @@ def figure_confusion(run, path):
                f'{_fmt(test.get("class/accuracy@baseline"), 3)}), balanced '
                f'{_fmt(test.get("class/balanced_accuracy"), 3)}')
   fig.colorbar(im, ax=ax, label='share of the true class')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
 
 
 def figure_pred_vs_true(run, path):
@@ -502,9 +501,7 @@ def figure_pred_vs_true(run, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(f'{run.name}: predicted vs true (test split, where the target exists)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path, dpi=100)
 
 
 def example_indices(labels, n):
@@ -552,9 +549,7 @@ def figure_traces(run, path):
              fontsize=9, bbox_to_anchor=(0.5, 1.0))
   fig.suptitle(f'{run.name}: example test traces (true class -> predicted, intensity, '
                'diffusion step t of x0_pred)', y=1.04)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90, bbox_inches='tight')
-  plt.close(fig)
+  _save(fig, path, dpi=90, bbox_inches='tight')
 
 
 def figure_compare_loss(runs, path):
@@ -574,9 +569,7 @@ def figure_compare_loss(runs, path):
   axes.flat[-1].axis('off')
   fig.suptitle('loss curves, same axes (solid: train, dashed: val; weights in run order '
                + ' / '.join(r.name for r in runs) + ')')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path, dpi=100)
 
 
 def figure_compare_lr(runs, path):
@@ -595,9 +588,7 @@ def figure_compare_lr(runs, path):
   ax.set(title='learning rate, same axes', xlabel='epochs', ylabel='learning rate')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
 
 
 def write_figures(run, out_dir):

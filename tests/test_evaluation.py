@@ -8,20 +8,11 @@ from sklearn import metrics as skm
 from configs import convergence
 from jaxtrain import evaluation
 from jaxtrain import monitors
-
-
-class AffineNormalizer:
-  """Stand-in for the data normalizer: units = mean + sd * x."""
-  STATS = {'peak_latency': (7.8, 1.7), 'peak_amplitude': (0.17, 0.15), 'threshold': (24.0, 21.0),
-           'static': (np.array([5.0, 60.0, 30.0, 0.5]), np.array([3.0, 20.0, 10.0, 0.2]))}
-
-  def to_units(self, name, x):
-    mean, sd = self.STATS[name]
-    return mean + sd * np.asarray(x)
+import fakes  # tests/fakes.py
 
 
 def standardise(name, units):
-  mean, sd = AffineNormalizer.STATS[name]
+  mean, sd = fakes.AffineNormalizer.STATS[name]
   return (np.asarray(units, np.float64) - mean) / sd
 
 
@@ -103,7 +94,7 @@ def _small_split():
 
 def test_compute_baselines_in_units():
   _, train = _small_split()
-  b = evaluation.compute_baselines(train, AffineNormalizer())
+  b = evaluation.compute_baselines(train, fakes.AffineNormalizer())
   assert b['class_majority'] == 1
   np.testing.assert_allclose(b['class_shares'], [2 / 6, 3 / 6, 1 / 6, 0, 0])
   assert b['peak_exist_majority'] == 1 and b['peak_present_share'] == pytest.approx(4 / 6)
@@ -113,7 +104,7 @@ def test_compute_baselines_in_units():
 
 def test_compute_metrics_by_hand():
   split, train = _small_split()
-  norm = AffineNormalizer()
+  norm = fakes.AffineNormalizer()
   baselines = evaluation.compute_baselines(train, norm)
   lat_pred = np.array([6.4, 7.0, 9.2, 5.0, 9.6, 7.0])  # errors 0.4, 0, 1.2, -, 0.6 on present
   thr_pred = np.array([14.0, 20.0, 41.0, 0.0, 57.0, 0.0])  # errors 4, 0, 11, -, 3 on known
@@ -178,11 +169,11 @@ def test_compute_metrics_by_hand():
 def test_clean_signal_metrics_when_clean_present():
   split, train = _small_split()
   split['clean'] = split['signal'] * 0.5
-  baselines = evaluation.compute_baselines(train, AffineNormalizer())
+  baselines = evaluation.compute_baselines(train, fakes.AffineNormalizer())
   preds = {'x0_pred': split['clean'], 't': np.zeros(6), 'peak_exist': np.ones(6),
            'peak_latency': np.zeros((6, 2)), 'peak_amplitude': np.zeros((6, 2)),
            'class_logits': np.zeros((6, 5)), 'threshold': np.zeros((6, 2))}
-  m = evaluation.compute_metrics(preds, split, AffineNormalizer(), baselines)
+  m = evaluation.compute_metrics(preds, split, fakes.AffineNormalizer(), baselines)
   assert m['signal/clean_mse'] == pytest.approx(0.0)
   assert m['signal/clean_mse@baseline'] == pytest.approx(0.25)
   assert m['signal/clean_snr_db'] == pytest.approx(120.0)  # Exact: capped.
@@ -197,7 +188,7 @@ def test_save_predictions_in_units(tmp_path):
            'class_logits': np.eye(5)[[0, 0, 0, 0, 2, 0]],
            'threshold': np.stack([split['threshold'], np.zeros(6)], 1)}
   path = tmp_path / 'predictions' / 'test.npz'
-  evaluation.save_predictions(str(path), preds, split, AffineNormalizer())
+  evaluation.save_predictions(str(path), preds, split, fakes.AffineNormalizer())
   p = np.load(path)
   np.testing.assert_allclose(p['latency_true_ms'], [6.0, 7.0, 8.0, np.nan, 9.0, np.nan])
   np.testing.assert_allclose(p['latency_pred_ms'][p['peak_present']], [6.0, 7.0, 8.0, 9.0])
@@ -240,22 +231,10 @@ def _eval_metrics(collapsed, seed=0):
            'peak_latency': rng.normal(size=n), 'peak_amplitude': rng.normal(size=n),
            'label': rng.choice(5, n, p=[0.6, 0.1, 0.1, 0.1, 0.1]),
            'threshold': rng.normal(size=n), 'threshold_mask': np.ones(n, np.float32)}
-  if collapsed:
-    preds = {'x0_pred': np.zeros((n, 200)), 'peak_exist': np.full(n, 1.5),
-             'peak_latency': np.zeros((n, 2)), 'peak_amplitude': np.zeros((n, 2)),
-             'class_logits': np.tile([2.0, 0, 0, 0, 0], (n, 1)),
-             'threshold': np.full((n, 2), -0.3)}
-  else:
-    noisy = lambda x: np.stack([x + 0.3 * rng.normal(size=n), np.zeros(n)], 1)
-    preds = {'x0_pred': split['signal'] + 0.3 * rng.normal(size=(n, 200)),
-             'peak_exist': 3 * (split['peak_mask'] - 0.5) + rng.normal(size=n),
-             'peak_latency': noisy(split['peak_latency']),
-             'peak_amplitude': noisy(split['peak_amplitude']),
-             'class_logits': 3 * np.eye(5)[split['label']] + rng.normal(size=(n, 5)),
-             'threshold': noisy(split['threshold'])}
+  preds = fakes.predictions(split, rng, collapsed)
   preds['t'] = np.zeros(n, np.int32)
-  baselines = evaluation.compute_baselines(split, AffineNormalizer())
-  return evaluation.compute_metrics(preds, split, AffineNormalizer(), baselines)
+  baselines = evaluation.compute_baselines(split, fakes.AffineNormalizer())
+  return evaluation.compute_metrics(preds, split, fakes.AffineNormalizer(), baselines)
 
 
 def _replay(config, rows, metrics):

@@ -4,54 +4,17 @@ figure written, and compare mode."""
 
 import json
 import os
-import sys
-import types
 
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import convergence
 from jaxtrain import evaluation
+from jaxtrain import optim
 from jaxtrain import report
+import fakes  # tests/fakes.py
 
 SPE = 5  # Optimizer updates per epoch of the constructed runs.
 N_EPOCHS = 20
-
-
-class AffineNormalizer:
-  """Stand-in for the data normalizer: units = mean + sd * x."""
-  STATS = {'peak_latency': (7.8, 1.7), 'peak_amplitude': (0.17, 0.15), 'threshold': (24.0, 21.0),
-           'static': (np.array([5.0, 60.0, 30.0, 0.5]), np.array([3.0, 20.0, 10.0, 0.2]))}
-
-  def to_units(self, name, x):
-    mean, sd = self.STATS[name]
-    return mean + sd * np.asarray(x)
-
-
-def stub_learning_rate_fn(config, steps_per_epoch):
-  """Warm-up then cosine restarts, standing in for jaxtrain.optim's (tests must not depend on
-  the lead's file)."""
-  t = config.training
-
-  def schedule(count):
-    epoch = jnp.asarray(count, jnp.float32) / steps_per_epoch
-    since = jnp.maximum(epoch - t.warmup_epochs, 0.0)
-    progress = jnp.mod(since, t.restart_epochs) / t.restart_epochs
-    cosine = t.min_learning_rate + (t.learning_rate - t.min_learning_rate) * 0.5 * (
-        1 + jnp.cos(jnp.pi * progress))
-    warm = t.learning_rate * (0.1 + 0.9 * epoch / t.warmup_epochs)
-    return jnp.where(epoch < t.warmup_epochs, warm, cosine)
-
-  return schedule
-
-
-@pytest.fixture
-def stub_optim(monkeypatch):
-  module = types.ModuleType('jaxtrain.optim')
-  module.create_learning_rate_fn = stub_learning_rate_fn
-  monkeypatch.setitem(sys.modules, 'jaxtrain.optim', module)
-  return module
 
 
 def _config():
@@ -76,19 +39,7 @@ def _split_and_preds(collapsed, n, seed):
            'label': rng.choice(5, n, p=[0.6, 0.1, 0.1, 0.1, 0.1]),
            'threshold': rng.normal(size=n), 'threshold_mask': np.ones(n, np.float32),
            'patient_id': np.arange(n)}
-  if collapsed:
-    preds = {'x0_pred': np.zeros((n, 200)), 'peak_exist': np.full(n, 1.5),
-             'peak_latency': np.zeros((n, 2)), 'peak_amplitude': np.zeros((n, 2)),
-             'class_logits': np.tile([2.0, 0, 0, 0, 0], (n, 1)),
-             'threshold': np.full((n, 2), -0.3)}
-  else:
-    noisy = lambda x: np.stack([x + 0.3 * rng.normal(size=n), np.zeros(n)], 1)
-    preds = {'x0_pred': split['clean'] + 0.1 * rng.normal(size=(n, 200)),
-             'peak_exist': 3 * (split['peak_mask'] - 0.5) + rng.normal(size=n),
-             'peak_latency': noisy(split['peak_latency']),
-             'peak_amplitude': noisy(split['peak_amplitude']),
-             'class_logits': 3 * np.eye(5)[split['label']] + rng.normal(size=(n, 5)),
-             'threshold': noisy(split['threshold'])}
+  preds = fakes.predictions(split, rng, collapsed, x0_reference='clean', x0_noise=0.1)
   preds['t'] = rng.integers(0, 1000, n)
   return split, preds
 
@@ -110,7 +61,7 @@ def _losses(epoch, split, collapsed):
   return {k: scale * (0.2 * v + 0.8 * v * decay) for k, v in start.items()}
 
 
-def make_run(workdir, collapsed, lr_fn=stub_learning_rate_fn, seed=0):
+def make_run(workdir, collapsed, seed=0):
   """Writes config.json, run_info.json, metrics.jsonl and predictions/test.npz of a run."""
   os.makedirs(workdir, exist_ok=True)
   config = _config()
@@ -119,9 +70,9 @@ def make_run(workdir, collapsed, lr_fn=stub_learning_rate_fn, seed=0):
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(workdir, 'run_info.json'), 'w') as f:
     json.dump({'steps_per_epoch': SPE, 'num_params': 12345}, f)
-  schedule = lr_fn(config, SPE)
+  schedule = optim.create_learning_rate_fn(config, SPE)
   lr_of = lambda step: 1e-5 if collapsed else float(schedule(max(step - 1, 0)))
-  norm = AffineNormalizer()
+  norm = fakes.AffineNormalizer()
   train_split, _ = _split_and_preds(collapsed, 300, seed)
   baselines = evaluation.compute_baselines(train_split, norm)
   val_metrics = evaluation.compute_metrics(*_split_and_preds(collapsed, 80, seed + 1)[::-1],
@@ -158,7 +109,7 @@ def _results(workdir):
   return {c.item.split('.')[0]: c for c in checks}, warnings
 
 
-def test_healthy_run_passes_every_check(tmp_path, stub_optim):
+def test_healthy_run_passes_every_check(tmp_path):
   checks, warnings = _results(make_run(str(tmp_path / 'healthy'), collapsed=False))
   failed = {k: (c.rule, c.numbers) for k, c in checks.items() if not c.passed}
   assert not failed
@@ -166,7 +117,7 @@ def test_healthy_run_passes_every_check(tmp_path, stub_optim):
   assert len(checks) == 13
 
 
-def test_collapsed_run_fails_the_right_checks(tmp_path, stub_optim):
+def test_collapsed_run_fails_the_right_checks(tmp_path):
   checks, warnings = _results(make_run(str(tmp_path / 'collapsed'), collapsed=True))
   failed = {k for k, c in checks.items() if not c.passed}
   assert failed == {'2', '3', '5', '6', '7a', '7b', '7c', '7d', '7e', '7f', '8'}, failed
@@ -177,7 +128,7 @@ def test_collapsed_run_fails_the_right_checks(tmp_path, stub_optim):
   assert 'plateau' in text and 'collapse' in text and 'learning rate' in text
 
 
-def test_report_writes_every_figure_and_the_checklist(tmp_path, stub_optim, capsys):
+def test_report_writes_every_figure_and_the_checklist(tmp_path, capsys):
   workdir = make_run(str(tmp_path / 'run'), collapsed=False)
   path = report.write_report(workdir)
   assert path == os.path.join(workdir, 'report', 'report.md')
@@ -191,7 +142,7 @@ def test_report_writes_every_figure_and_the_checklist(tmp_path, stub_optim, caps
   assert '13 of 13 checks PASS' in capsys.readouterr().out
 
 
-def test_compare_mode_one_table_same_axes(tmp_path, stub_optim):
+def test_compare_mode_one_table_same_axes(tmp_path):
   a = make_run(str(tmp_path / 'convergence'), collapsed=False)
   b = make_run(str(tmp_path / 'baseline'), collapsed=True, seed=5)
   report.main([f'--workdir={a}', f'--compare={b}'])
@@ -204,7 +155,7 @@ def test_compare_mode_one_table_same_axes(tmp_path, stub_optim):
     assert os.path.getsize(os.path.join(a, 'report', name)) > 10_000
 
 
-def test_report_without_predictions_skips_their_figures(tmp_path, stub_optim):
+def test_report_without_predictions_skips_their_figures(tmp_path):
   workdir = make_run(str(tmp_path / 'running'), collapsed=False)
   os.remove(os.path.join(workdir, 'predictions', 'test.npz'))
   text = open(report.write_report(workdir)).read()
@@ -219,16 +170,11 @@ def test_restart_epochs_from_config():
 
 
 def test_lr_check_against_the_real_schedule(tmp_path):
-  optim = pytest.importorskip('jaxtrain.optim')
-  if not hasattr(optim, 'create_learning_rate_fn'):
-    pytest.skip('jaxtrain.optim.create_learning_rate_fn not written yet')
-  workdir = make_run(str(tmp_path / 'real'), collapsed=False,
-                     lr_fn=optim.create_learning_rate_fn)
-  checks, _ = _results(workdir)
+  checks, _ = _results(make_run(str(tmp_path / 'real'), collapsed=False))
   assert checks['6'].passed, checks['6'].numbers
 
 
-def test_bumpy_total_and_val_gap_fail(tmp_path, stub_optim):
+def test_bumpy_total_and_val_gap_fail(tmp_path):
   run = report.load_run(make_run(str(tmp_path / 'bumpy'), collapsed=False))
   for r in run.rows:
     if r.get('scope') == 'epoch' and r['epoch'] == 5:
