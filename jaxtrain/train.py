@@ -450,6 +450,10 @@ class _StopRequest:
                     self.received)
     self._restore()
 
+  def requested(self):
+    """Name of the signal that asks this run to save and stop (None: keep training)."""
+    return self.received
+
   def _restore(self):
     for s, handler in self._previous.items():
       signal.signal(s, signal.SIG_DFL if handler is None else handler)
@@ -491,7 +495,7 @@ class _Loop:
           continue  # Mid-accumulation: no update boundary, nothing to log or save.
         if self.update % t.log_every_steps == 0:
           self._log_window()
-        stopping = self.stop.received  # Read once: a later signal waits for the next boundary.
+        stopping = self.stop.requested()  # Read once: a later signal waits for the next boundary.
         # The last update of an epoch saves after the epoch's bookkeeping (_end_epoch).
         if run.micro_batch < self.trainer.micro_per_epoch and (
             stopping or self._timer_expired()):
@@ -499,7 +503,7 @@ class _Loop:
           if stopping:
             return stopping
       val_total, save_due = self._end_epoch()
-      stopping = self.stop.received
+      stopping = self.stop.requested()
       if save_due or stopping:
         self._save(val_total)
       if stopping:

@@ -35,8 +35,11 @@ class Conditioning(nn.Module):
   cond_drop_rate: float
 
   @nn.compact
-  def __call__(self, static, t, train):
-    """static [B, S], t [B] int -> [B, dim]."""
+  def __call__(self, static, t, train, uncond=None):
+    """static [B, S], t [B] int, uncond [B] bool or None -> [B, dim].
+
+    Rows with `uncond` True get the null condition (classifier-free guidance at sampling).
+    """
     time = layers.sinusoidal_embedding(t, self.dim // 4)
     time = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.dim)(time)))
     cond = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.dim)(static)))
@@ -44,6 +47,8 @@ class Conditioning(nn.Module):
     if train and self.cond_drop_rate > 0:
       drop = jax.random.bernoulli(self.make_rng('condition'), self.cond_drop_rate, t.shape)
       cond = jnp.where((drop & (t > 0))[:, None], null, cond)
+    if uncond is not None:
+      cond = jnp.where(uncond[:, None], null, cond)
     return time + cond
 
 
@@ -117,7 +122,7 @@ class HierarchicalUNet(nn.Module):
     return min(self.base_channels * 2**level, self.max_channels)
 
   @nn.compact
-  def __call__(self, x, static, t, train=False):
+  def __call__(self, x, static, t, train=False, uncond=None):
     """Denoiser output and task predictions.
 
     Args:
@@ -125,6 +130,7 @@ class HierarchicalUNet(nn.Module):
       static: [B, static_dim] standardised static parameters.
       t: [B] int32 diffusion step (0 = clean).
       train: dropout and condition dropout on ('dropout', 'condition' rng streams).
+      uncond: optional [B] bool; True rows use the learned null condition instead of `static`.
 
     Returns:
       dict: 'signal' [B, L]; 'peak_exist' [B] logit; 'peak_latency', 'peak_amplitude',
@@ -134,7 +140,7 @@ class HierarchicalUNet(nn.Module):
     factor = 2**self.n_levels
     padded = -(-length // factor) * factor
     cond = Conditioning(4 * self.base_channels, self.cond_drop_rate, name='condition')(
-        static, t, train)
+        static, t, train, uncond)
 
     h = jnp.pad(x, ((0, 0), (0, padded - length)))[..., None]
     h = nn.Conv(self.base_channels, (7,), name='stem')(h)
