@@ -1,60 +1,187 @@
-"""Times the real train micro-step (MultiSteps AdamW, NaN guard, metrics) per model size.
+"""Times the real train step (one optimizer update: k micro-batches, clip + AdamW once) per size.
 
-  python -m benchmarks.step_time                       # test, demo and convergence sizes
-  python -m benchmarks.step_time --presets=demo --steps=50
+  python -m benchmarks.step_time                          # test, demo and convergence sizes
+  python -m benchmarks.step_time --sizes=demo --convs=fft,matmul --updates=20
 
-Prints, per size: parameters, compile time of the jitted step, and the median and minimum
-wall time of one micro-step at the config's batch size (after compile), on this machine's
-default device.
+Prints one JSON line per (size, S4 convolution, accumulation, dtype), each measured in a fresh
+process so that compile times and peak memory are its own: parameters; compile seconds with an
+empty persistent compilation cache ("compile_s") and again in a second process that finds the
+cache filled ("compile_cached_s", what a resumed run pays); the median and interquartile range
+of the whole-update wall time and the recordings per second; peak resident memory; XLA's cost
+analysis of one update (FLOPs, bytes accessed, on this backend); and, from those, an ESTIMATE
+of the update and epoch time on an H100 and a TPU v5e chip (see `CHIPS` and `estimate`):
+nothing was run on those chips.
 """
 
 import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 
-from configs import convergence
-from jaxtrain import data
-from jaxtrain import train
+# Published peaks (dense bf16 matmul FLOP/s, HBM bytes/s) and the assumed attainable share.
+# H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s; TPU v5e: 197 TFLOP/s bf16, 819 GB/s. Our
+# kernels are small (16-row micro-batches, 96-384 channels), so we assume 25 % of the matmul
+# peak and 50 % of the bandwidth, plus a fixed cost per XLA kernel launch (GPU ~5 us, TPU ~2 us
+# per fused op, both assumed); the estimate is the larger of compute and memory time plus that.
+CHIPS = {
+    'h100': {'flops': 989e12, 'bytes': 3.35e12, 'launch_s': 5e-6},
+    'tpu_v5e': {'flops': 197e12, 'bytes': 819e9, 'launch_s': 2e-6},
+}
+FLOPS_SHARE, BYTES_SHARE = 0.25, 0.5
 
 
-def time_step(preset, steps):
-  """(num_params, compile seconds, per-step seconds [steps]) of `preset`'s micro-step."""
-  config = convergence.get_config(preset)
+def estimate(flops, bytes_accessed, kernels, chip):
+  """Roofline estimate (seconds) of one update on `chip` from its cost analysis."""
+  peak = CHIPS[chip]
+  compute = flops / (peak['flops'] * FLOPS_SHARE)
+  memory = bytes_accessed / (peak['bytes'] * BYTES_SHARE)
+  return max(compute, memory) + kernels * peak['launch_s']
+
+
+_NOT_KERNELS = ('parameter(', 'constant(', 'get-tuple-element(', 'tuple(', 'bitcast(')
+
+
+def _count_kernels(hlo_text):
+  """Ops an accelerator would launch per update: the instructions of the optimised entry
+  computation (each fusion is one), loop bodies times their trip count, the larger branch of
+  a conditional. A proxy: the CPU backend fuses somewhat differently from GPU/TPU backends."""
+  computations, entry, name = {}, None, None
+  for line in hlo_text.splitlines():
+    if line.endswith('{') and not line.startswith(' '):
+      words = line.split()
+      name = words[1] if words[0] == 'ENTRY' else words[0]
+      entry = name if words[0] == 'ENTRY' else entry
+      computations[name] = []
+    elif name and ' = ' in line and line.startswith('  '):
+      computations[name].append(line)
+
+  def count(computation):
+    total = 0
+    for line in computations.get(computation, ()):
+      if any(f' {op}' in line for op in _NOT_KERNELS):
+        continue
+      if ' while(' in line:
+        trips = re.search(r'"n":"(\d+)"', line)
+        total += count(re.search(r'body=(%?[\w.\-]+)', line).group(1)) * (
+            int(trips.group(1)) if trips else 1)
+      elif ' conditional(' in line:
+        branches = re.findall(r'(?:true_computation|false_computation)=(%?[\w.\-]+)', line)
+        branches += re.findall(r'%[\w.\-]+', line.split('branch_computations={')[1])[:8] \
+            if 'branch_computations={' in line else []
+        total += max((count(b) for b in branches), default=1)
+      else:
+        total += 1
+    return total
+
+  return count(entry)
+
+
+def measure(size, conv, accumulate, dtype, updates):
+  """Measures one configuration in this process; returns its JSON-able row."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import convergence  # pylint: disable=g-import-not-at-top
+  from jaxtrain import data  # pylint: disable=g-import-not-at-top
+  from jaxtrain import train  # pylint: disable=g-import-not-at-top
+
+  config = convergence.get_config('' if size == 'convergence' else size)
+  config.model.s4_conv, config.model.dtype = conv, dtype
+  if accumulate != 'config':
+    config.training.accumulate_with = accumulate
+  full_updates_per_epoch = _updates_per_epoch(config)
   config.data.synthetic.num_patients = 24  # The batch content does not change the cost.
-  dataset = data.load_dataset(config)
-  trainer = train.Trainer(config, tempfile.mkdtemp(), dataset)
+  trainer = train.Trainer(config, tempfile.mkdtemp(), data.load_dataset(config))
   state = trainer.init_state()
   window, epoch_acc = trainer.empty_metrics(), trainer.empty_metrics()
-  batch = next(iter(trainer.train_batches(epoch=1, start=0)))
-  state, window, epoch_acc = trainer.train_micro_step(state, window, epoch_acc, batch)
+  batches = next(iter(trainer.train_batches(epoch=1, start=0)))
+  state, window, epoch_acc = trainer.train_update(state, window, epoch_acc, batches)
   jax.block_until_ready(state)
   times = []
-  for _ in range(steps):
+  for _ in range(updates):
     start = time.perf_counter()
-    state, window, epoch_acc = trainer.train_micro_step(state, window, epoch_acc, batch)
+    state, window, epoch_acc = trainer.train_update(state, window, epoch_acc, batches)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  return num_params, trainer.compile_seconds['train'], np.asarray(times)
+  compiled = trainer._train_compiled  # pylint: disable=protected-access
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, bytes_accessed = float(cost['flops']), float(cost['bytes accessed'])
+  kernels = _count_kernels(compiled.as_text())
+  t = config.training
+  samples = t.batch_size * t.accumulation_steps
+  times = np.asarray(times)
+  row = {
+      'size': size, 's4_conv': conv, 'accumulate_with': config.training.accumulate_with,
+      'dtype': dtype,
+      'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
+      'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
+      'batch': t.batch_size, 'accumulation_steps': t.accumulation_steps,
+      'compile_s': round(trainer.compile_seconds['train'], 2),
+      'update_s_median': round(float(np.median(times)), 4),
+      'update_s_iqr': [round(float(q), 4) for q in np.percentile(times, [25, 75])],
+      'samples_per_s': round(samples / float(np.median(times)), 2),
+      'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+      'gflop_per_update': round(flops / 1e9, 2), 'gb_per_update': round(bytes_accessed / 1e9, 3),
+      'hlo_kernels_per_update': kernels, 'updates_per_epoch': full_updates_per_epoch,
+  }
+  for chip in CHIPS:
+    seconds = estimate(flops, bytes_accessed, kernels, chip)
+    row[f'est_{chip}_update_s'] = round(seconds, 5)
+    row[f'est_{chip}_epoch_s'] = round(seconds * full_updates_per_epoch, 1)
+  return row
+
+
+def _updates_per_epoch(config):
+  """Optimizer updates per epoch of `config`'s own training split."""
+  from jaxtrain import data  # pylint: disable=g-import-not-at-top
+  train_split = data.load_dataset(config).train
+  return (data.num_train_batches(train_split, config.training.batch_size)
+          // config.training.accumulation_steps)
+
+
+def _run_one(spec, updates, cache_dir):
+  """Runs `measure` for `spec` in a fresh process sharing `cache_dir`; returns its row."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  out = subprocess.run([sys.executable, '-m', 'benchmarks.step_time', f'--one={spec}',
+                        f'--updates={updates}'], env=env, capture_output=True, text=True,
+                       check=False)
+  if out.returncode:  # E.g. killed for memory: report it as a row, go on with the others.
+    return {'spec': spec, 'failed': f'exit {out.returncode}', 'stderr': out.stderr[-500:]}
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--presets', default='test,demo,', help="Comma-separated; '' = full.")
-  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--sizes', default='test,demo,convergence')
+  parser.add_argument('--convs', default='fft,matmul', help='S4D convolutions to time.')
+  parser.add_argument('--accumulate', default='config',
+                      help="'vmap', 'scan', both, or 'config' (the size's own setting).")
+  parser.add_argument('--dtypes', default='float32')
+  parser.add_argument('--updates', type=int, default=10, help='Timed updates per row.')
+  parser.add_argument('--one', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}')
-  print(f'{"size":<12} {"params":>11} {"batch":>5} {"compile s":>9} {"median ms":>9} '
-        f'{"min ms":>7}')
-  for preset in args.presets.split(','):
-    steps = args.steps if preset else min(args.steps, 5)  # The full model is seconds a step.
-    num_params, compile_s, times = time_step(preset, steps)
-    batch = convergence.get_config(preset).training.batch_size
-    print(f'{preset or "convergence":<12} {num_params:>11,} {batch:>5} {compile_s:>9.1f} '
-          f'{np.median(times) * 1e3:>9.1f} {times.min() * 1e3:>7.1f}', flush=True)
+  if args.one:
+    size, conv, accumulate, dtype = args.one.split(':')
+    print(json.dumps(measure(size, conv, accumulate, dtype, args.updates)), flush=True)
+    return
+  for size in args.sizes.split(','):
+    for conv in args.convs.split(','):
+      for accumulate in args.accumulate.split(','):
+        for dtype in args.dtypes.split(','):
+          spec = f'{size}:{conv}:{accumulate}:{dtype}'
+          updates = args.updates if size != 'convergence' else min(args.updates, 3)
+          with tempfile.TemporaryDirectory() as cache:
+            row = _run_one(spec, updates, cache)
+            if 'failed' not in row:
+              row['compile_cached_s'] = _run_one(spec, 1, cache).get('compile_s')
+          print(json.dumps(row), flush=True)
 
 
 if __name__ == '__main__':

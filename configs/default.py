@@ -14,15 +14,22 @@ def get_config():
   """Returns the default configuration (the convergence-fix values of the original)."""
   config = ml_collections.ConfigDict()
   config.seed = 42  # Seeds parameter init, dropout, diffusion noise and the batch order.
+  # Stop at start when JAX finds only a CPU (e.g. a TPU runtime whose JAX lost its libtpu).
+  config.require_accelerator = False
   # Path of another run's workdir (or checkpoint directory) whose best parameters initialise
   # this run, for fine-tuning; the optimizer starts fresh. Empty: random initialisation.
   config.init_from = ''
+  # Persistent XLA compilation cache, so a restarted or resumed run does not compile again: a
+  # directory, relative to the workdir (kept with it, e.g. on Drive) unless absolute; '' turns
+  # it off. A cache already set for the process (JAX_COMPILATION_CACHE_DIR) is used instead.
+  config.compilation_cache_dir = 'compilation_cache'
 
   # ---------------------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
   data.source = 'synthetic'  # 'synthetic' (built-in generator), 'pickle' (original file) or 'npz'.
   data.path = ''  # File for source 'pickle' or 'npz'; unused for 'synthetic'.
   data.on_bad_record = 'fail'  # Malformed record in a file: 'fail' the load, or 'skip' and count.
+  data.drop_flat_traces = False  # Zero-variance (all-zero) traces of a file: logged; True drops.
   data.train_ratio = 0.75  # Patient-level split shares; they must sum to 1.
   data.val_ratio = 0.15
   data.test_ratio = 0.10
@@ -53,6 +60,13 @@ def get_config():
   model.dropout = 0.15  # Dropout rate in training.
   model.cond_drop_rate = 0.15  # Share of noised (t > 0) training samples whose static condition
   # is replaced by the learned null condition (for classifier-free guidance); never at t = 0.
+  # Compute dtype of the matmuls and convolutions: 'float32', 'bfloat16', or 'auto' (float32
+  # on a CPU, bfloat16 on a GPU or TPU). Parameters, optimizer state, norms, softmaxes, losses
+  # and the S4 kernels stay float32 whatever it is.
+  model.dtype = 'auto'
+  # How S4D applies its kernels: 'fft', 'matmul' (Toeplitz matrix), or 'auto' (matmul on a TPU,
+  # whose FFT is slow next to its matmuls; FFT on a CPU or GPU). Same result either way.
+  model.s4_conv = 'auto'
 
   # ---------------------------------------------------------------------------------------
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -79,6 +93,11 @@ def get_config():
   training.num_epochs = 100  # Passes over the training split.
   training.batch_size = 16  # Global micro-batch size (split over devices; must divide evenly).
   training.accumulation_steps = 8  # Micro-batches averaged into one optimizer update.
+  # How the train step runs an update's micro-batches (one dispatch per update either way):
+  # 'scan' one after another (the activation memory of one micro-batch) or 'vmap' all at once
+  # (accumulation_steps x that memory, larger kernels: 2.2x faster on a CPU at demo sizes, but
+  # at these sizes it needed over 16 GB of host memory, more than a TPU v5e chip has).
+  training.accumulate_with = 'scan'
   training.eval_batch_size = 64  # Global batch size for validation and test.
   training.learning_rate = 1e-5  # Peak AdamW learning rate.
   training.weight_decay = 1e-6  # Decoupled (AdamW) weight decay.

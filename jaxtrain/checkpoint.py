@@ -28,6 +28,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from configs import default
+
 CHECKPOINT_DIR = 'checkpoints'
 # Checkpoints that failed to restore are moved here, out of orbax's sight, so that the run can
 # save their steps again and the evidence is kept.
@@ -40,6 +42,9 @@ ITEMS = ('params', 'train', 'meta')
 # (a prefix ending in '.' covers its whole section). A run does not resume under a config that
 # differs in one of them; other differences (epochs, logging, learning rate...) are logged.
 STRUCTURAL_KEYS = ('model.', 'data.', 'training.batch_size', 'training.accumulation_steps')
+# How the model computes, not what it holds: a run may resume under another value (e.g. on a
+# CPU after a bfloat16 TPU run), and configs saved before these keys existed still resume.
+NUMERICS_KEYS = ('model.dtype', 'model.s4_conv')
 
 
 def _val_total(metrics):
@@ -225,6 +230,8 @@ def config_differences(saved, requested):
 
 
 def is_structural(key):
+  if key in NUMERICS_KEYS:
+    return False
   return any(key == k or (k.endswith('.') and key.startswith(k)) for k in STRUCTURAL_KEYS)
 
 
@@ -248,6 +255,9 @@ def _describe(differences):
 def check_resume_config(workdir, config):
   """Refuses to resume `workdir` under a config that changes shapes; logs harmless changes.
 
+  A key the saved config lacks (added to jaxtrain after the run started) is harmless at its
+  default value in configs/default.py, which by convention keeps the earlier behaviour.
+
   Raises:
     ValueError: listing the structural keys whose values differ from the saved config.json.
   """
@@ -255,7 +265,10 @@ def check_resume_config(workdir, config):
   if saved is None:
     return
   differences = config_differences(saved, config_as_dict(config))
-  structural = {k: v for k, v in differences.items() if is_structural(k)}
+  defaults = _flatten(config_as_dict(default.get_config()))
+  # A key added after the run was saved behaves, at its default, as the run did without it.
+  structural = {k: v for k, v in differences.items() if is_structural(k)
+                and not (v[0] is None and k in defaults and v[1] == defaults[k])}
   if structural:
     raise ValueError(
         f'{workdir} holds checkpoints of a run whose config differs in keys that change the '

@@ -79,7 +79,7 @@ def loss_fn(params, model, batch, rng, config, class_weights, train):
   Args:
     params: model parameters.
     model: the module from `models.create_model(config)`.
-    batch: dict of the batch format (docs: /tmp/jaxtrain_interfaces.md), [B, ...].
+    batch: dict of the batch format (jaxtrain/data/__init__.py, module docstring), [B, ...].
     rng: one key; split here for t, noise, dropout and condition dropout.
     config: the run's ConfigDict (reads diffusion.*, loss.*, model.n_classes).
     class_weights: [n_classes] 'balanced' weights of the train split (ignored for 'none').

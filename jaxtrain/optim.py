@@ -2,6 +2,11 @@
 
 Every schedule here is a function of the optimizer-update count (one update per
 `training.accumulation_steps` micro-batches), never of the micro-batch count.
+
+The optimizer is `MultiSteps(chain(clip, adamw))`, and its state is what checkpoints hold. The
+train step does not call `MultiSteps.update` once per micro-batch, though: it averages the
+micro-batch gradients of a whole update itself and calls `apply_accumulated`, which runs the
+inner chain once and leaves the state exactly as k MultiSteps calls would.
 """
 
 import math
@@ -88,6 +93,30 @@ def create_optimizer(config, steps_per_epoch):
       b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
   inner = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw)
   return optax.MultiSteps(inner, every_k_schedule=t.accumulation_steps)
+
+
+def apply_accumulated(tx, opt_state, mean_grads, params):
+  """One optimizer update from the mean gradient of a whole accumulation window.
+
+  Equivalent to `accumulation_steps` calls of `tx.update` (MultiSteps) on the window's
+  micro-batch gradients, the last of which emits the update, but the inner chain (clip, AdamW)
+  runs once instead of on every micro-batch.
+
+  Args:
+    tx: the `create_optimizer` MultiSteps.
+    opt_state: its MultiStepsState at an update boundary (mini_step 0, zero accumulator).
+    mean_grads: the mean of the window's micro-batch gradients, shaped like `params`.
+    params: the parameters the gradients were taken at.
+
+  Returns:
+    (updates to add to `params`, the MultiStepsState after the update).
+  """
+  updates, inner_state = tx.inner_opt.update(mean_grads, opt_state.inner_opt_state, params)
+  # mini_step stays 0 and the accumulator stays zero, as MultiSteps leaves them after emitting
+  # an update: the fused step never fills them (they are kept for the checkpoint format).
+  new_state = opt_state._replace(gradient_step=opt_state.gradient_step + 1,
+                                 inner_opt_state=inner_state)
+  return updates, new_state
 
 
 def update_count(opt_state):

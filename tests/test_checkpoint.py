@@ -40,7 +40,8 @@ FLAGS = ('--config=configs/convergence.py:test',
 TIMING_KEYS = ('steps_per_sec',)
 
 # Runs main.py after installing the faults named in the environment:
-#   JT_SIGNAL_AT="N:SIG"  sends SIG to itself just before its N-th micro-step;
+#   JT_SIGNAL_AT="N:SIG"  sends SIG to itself once its N-th optimizer update is dispatched (so
+#                         SIGKILL lands while that update runs);
 #   JT_KILL_IN_SAVE=N     SIGKILLs itself inside the N-th orbax commit (4 per checkpoint: the
 #                         3 items, then the step directory), i.e. with a checkpoint half-written;
 #   JT_NAN_AT="E:B"       makes micro-batch B (0-based) of epoch E all NaN.
@@ -52,13 +53,14 @@ from jaxtrain import data, train
 
 if os.environ.get('JT_SIGNAL_AT'):
   at, name = os.environ['JT_SIGNAL_AT'].split(':')
-  step, calls = train.Trainer.train_micro_step, [0]
-  def train_micro_step(self, *args):
+  update, calls = train.Trainer.train_update, [0]
+  def train_update(self, *args):
+    out = update(self, *args)
     calls[0] += 1
     if calls[0] == int(at):
       os.kill(os.getpid(), getattr(signal, name))
-    return step(self, *args)
-  train.Trainer.train_micro_step = train_micro_step
+    return out
+  train.Trainer.train_update = train_update
 
 if os.environ.get('JT_KILL_IN_SAVE'):
   finalize, commits = atomicity.AtomicRenameTemporaryPath.finalize, [0]
@@ -136,10 +138,10 @@ def runs(tmp_path_factory):
   epochs = f'--config.training.num_epochs={EPOCHS}'
   longer = f'--config.training.num_epochs={EPOCHS + 1}'  # The last leg brings it back to 3.
   legs = [  # (flags, faults) of each run of the chain.
-      # 20 micro-steps done: updates 1 and 2 (saved), 4 into update 3.
-      ((longer,), dict(signal_at='21:SIGKILL')),
+      # Updates 1 and 2 done (saved), killed while update 3 runs.
+      ((longer,), dict(signal_at='3:SIGKILL')),
       # Resumed at update 1 or 2 (the save of 2 may not have committed); SIGTERM in update 4/5.
-      ((longer,), dict(signal_at='20:SIGTERM')),
+      ((longer,), dict(signal_at='3:SIGTERM')),
       # 6th commit: the second checkpoint of this leg, with one of its 3 items committed.
       ((longer,), dict(kill_in_save=6)),
       ((epochs,), {}),
@@ -221,7 +223,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(runs, trainer)
 def test_sigterm_checkpoint_is_at_an_update_boundary_mid_epoch(runs):
   out = runs['legs'][1][1]
   step = int(out.split('Stopped by SIGTERM; checkpoint ')[1].split()[0])
-  # 19 micro-steps after the resume point (update 1 or 2) end inside update 4 or 5.
+  # The third update after the resume point (update 1 or 2) is update 4 or 5.
   assert step in (4, 5)
   assert f'Stopped by SIGTERM after optimizer update {step}' in out
 
@@ -352,6 +354,28 @@ def test_config_differences_are_classified():
   assert checkpoint.is_structural('training.batch_size')
   assert not checkpoint.is_structural('training.batch_size_x')
   assert not checkpoint.is_structural('training.eval_batch_size')
+
+
+def test_config_saved_before_the_numerics_keys_still_resumes(tmp_path, caplog):
+  """A config.json from before model.dtype, model.s4_conv, training.accumulate_with and
+  compilation_cache_dir existed (their checkpoints hold the same arrays) is accepted, and the
+  differences are logged; so is a run resumed in another dtype."""
+  config = convergence.get_config('test')
+  saved = checkpoint.config_as_dict(config)
+  for section, key in (('model', 'dtype'), ('model', 's4_conv'), ('training', 'accumulate_with')):
+    del saved[section][key]
+  del saved['compilation_cache_dir']
+  del saved['data']['synthetic']['sample_period_ms']  # A structural key, newer than the run.
+  with open(tmp_path / checkpoint.CONFIG_FILE, 'w') as f:
+    json.dump(saved, f)
+  config.model.dtype = 'bfloat16'
+  with caplog.at_level('WARNING'):
+    checkpoint.check_resume_config(str(tmp_path), config)
+  assert "model.dtype: None -> 'bfloat16'" in caplog.text
+  assert 'data.synthetic.sample_period_ms: None -> 0.1' in caplog.text  # Its default: harmless.
+  config.data.synthetic.sample_period_ms = 0.05  # Not the default: the run did not do this.
+  with pytest.raises(ValueError, match='sample_period_ms: None -> 0.05'):
+    checkpoint.check_resume_config(str(tmp_path), config)
 
 
 def test_rewind_drops_rows_after_the_step_test_rows_and_a_torn_line(tmp_path):

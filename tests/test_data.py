@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import subprocess
+import warnings
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from jaxtrain.data import convert
 from jaxtrain.data import original_pickle
 from jaxtrain.data import splits
 from jaxtrain.data import synthetic
+import fakes  # tests/fakes.py
 
 NORMAL, NOROPATI, SNIK, TOTAL, ITIK = range(5)
 
@@ -212,49 +214,10 @@ def test_dataset_normalised_on_train():
 # --------------------------------------------------------------------------- original pickle
 
 
-def _original_file(path, n_patients=40, per_patient=3, edit=None):
-  """Writes a file in the original layout with joblib.dump and real scikit-learn objects.
-
-  Returns the raw static parameters [N, 4] (units) that were z-scored into the file.
-  """
-  joblib = pytest.importorskip('joblib')
-  preprocessing = pytest.importorskip('sklearn.preprocessing')
-  rng = np.random.default_rng(0)
-  n = n_patients * per_patient
-  raw_static = np.stack([rng.integers(0, 5, n), 5 * rng.integers(0, 21, n),
-                         np.full(n, 33.1), rng.gamma(1., 2., n)], axis=1).astype(np.float64)
-  scaler = preprocessing.StandardScaler().fit(raw_static)
-  names = np.array(['NORMAL', 'NÖROPATİ', 'SNİK', 'TOTAL', 'İTİK'], dtype=object)
-  encoder = preprocessing.LabelEncoder().fit(names[rng.integers(0, 5, 50)].tolist() + list(names))
-  records = []
-  for i in range(n):
-    signal = rng.standard_normal(200)
-    has_v = bool(i % 4)
-    record = {
-        'patient_id': 1000 + i // per_patient,
-        'static_params': scaler.transform(raw_static[i:i + 1])[0],
-        'signal': (signal - signal.mean()) / signal.std(),
-        'v_peak': np.array([7.5 + 0.01 * i, 0.2]) if has_v else np.zeros(2),
-        'v_peak_mask': np.array([has_v, has_v]),
-        'target': np.int64((i // per_patient) % 5),
-    }
-    if i % 5:
-      record['clinical_threshold'] = np.float64(20 + i % 50)
-    records.append(record)
-  if edit:
-    edit(records)
-  obj = {'data': records, 'scaler': scaler, 'label_encoder': encoder,
-         'metadata': {'version': 'ultimate_v1', 'fortran': np.asfortranarray(
-             np.arange(12.).reshape(3, 4)), 'big_endian': np.arange(5, dtype='>f8')},
-         'has_clinical_thresholds': True, 'threshold_method': 'combined'}
-  joblib.dump(obj, path)
-  return raw_static
-
-
 def test_joblib_file_loads(tmp_path):
   joblib = pytest.importorskip('joblib')
   path = str(tmp_path / 'original.pkl')
-  raw_static = _original_file(path)
+  raw_static = fakes.original_pickle_file(path)
   ours = original_pickle.load(path)
   theirs = joblib.load(path)
   for a, b in zip(ours['data'], theirs['data']):
@@ -278,7 +241,7 @@ def test_joblib_file_loads(tmp_path):
 
 def test_pickle_and_npz_sources(tmp_path):
   path = str(tmp_path / 'original.pkl')
-  _original_file(path)
+  fakes.original_pickle_file(path)
   ds = data.load_dataset(_config(source='pickle', path=path))
   assert ds.info['source'] == 'pickle' and 'clean' not in ds.train
   assert ds.info['threshold_method'] == 'combined'
@@ -321,7 +284,7 @@ def test_code_payload_is_refused_without_running(tmp_path, make):
 def test_payload_inside_joblib_file_is_refused(tmp_path):
   marker = tmp_path / 'pwned'
   path = str(tmp_path / 'evil.pkl')
-  _original_file(path, edit=lambda records: records.append(
+  fakes.original_pickle_file(path, edit=lambda records: records.append(
       {'signal': _Payload(os.system, f'touch {marker}')}))
   with pytest.raises(data.UnsafePickleError, match='system'):
     data.load_dataset(_config(source='pickle', path=path))
@@ -348,7 +311,7 @@ def _set(index, field, value):
 ])
 def test_malformed_record_reported_by_index_and_field(tmp_path, index, field, value, message):
   path = str(tmp_path / 'bad.pkl')
-  _original_file(path, edit=_set(index, field, value))
+  fakes.original_pickle_file(path, edit=_set(index, field, value))
   with pytest.raises(data.BadRecordError, match=f"record {index}: field '{field}'.*{message}"):
     data.load_dataset(_config(source='pickle', path=path))
 
@@ -361,13 +324,39 @@ def test_skip_mode_counts_malformed_records(tmp_path, caplog):
                                 (7, 'static_params', np.array([0., np.nan, 0., 0.])),
                                 (9, 'target', np.int64(7))]:
       _set(index, field, value)(records)
-  _original_file(path, edit=edit)
+  fakes.original_pickle_file(path, edit=edit)
   with caplog.at_level(logging.WARNING):
     ds = data.load_dataset(_config(source='pickle', path=path, on_bad_record='skip'))
   assert ds.info['skipped_records'] == 4
   assert ds.info['skipped_by_field'] == {'signal': 2, 'static_params': 1, 'target': 1}
   assert sum(ds.info['rows'].values()) == 120 - 4
   assert 'skipped 4 malformed records' in caplog.text and 'record 3' in caplog.text
+
+
+@pytest.mark.parametrize('source', ['pickle', 'npz'])
+def test_flat_traces_are_named_and_kept_or_dropped(tmp_path, caplog, source):
+  path = str(tmp_path / 'flat.pkl')
+
+  def edit(records):
+    for index in (4, 17):  # The original's real file holds two all-zero traces.
+      records[index]['signal'] = np.zeros(200)
+  fakes.original_pickle_file(path, edit=edit)
+  if source == 'npz':
+    convert.main(['--input', path, '--output', str(tmp_path / 'flat.npz')])
+    path = str(tmp_path / 'flat.npz')
+  with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+    warnings.simplefilter('error')  # No numpy divide-by-zero warning from the summary.
+    kept = data.load_dataset(_config(source=source, path=path))
+  lines = [r.getMessage() for r in caplog.records if 'zero-variance' in r.getMessage()]
+  assert len(lines) == 1
+  assert '2 zero-variance (flat) trace(s), kept' in lines[0]
+  assert 'record 4 (patient 1001), record 17 (patient 1005)' in lines[0]
+  assert kept.info['flat_traces'] == {'records': [4, 17], 'dropped': False}
+  assert sum(kept.info['rows'].values()) == 120
+  dropped = data.load_dataset(_config(source=source, path=path, drop_flat_traces=True))
+  assert sum(dropped.info['rows'].values()) == 118
+  splits_ = [dropped.train, dropped.val, dropped.test]
+  assert min(np.std(s['signal'], axis=1).min() for s in splits_) > 0.5
 
 
 # --------------------------------------------------------------------------- pipeline

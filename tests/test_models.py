@@ -184,6 +184,52 @@ def test_s4d_layer_equals_its_recurrence(bidirectional):
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_s4d_fft_and_matmul_convolutions_agree(bidirectional):
+  """The Toeplitz matmul and the FFT apply the same kernels: outputs agree to 1e-5 of their
+  scale on random inputs and parameters, at the longest length the model uses (208)."""
+  rng = np.random.default_rng(1)
+  u = jnp.asarray(rng.normal(size=(3, 208, 6)), jnp.float32)
+  fft_layer = s4.S4D(d_state=8, bidirectional=bidirectional, conv='fft')
+  params = fft_layer.init(jax.random.key(3), u)
+  # Random, not initial, parameters: slow-decaying modes make long kernels.
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params)
+  y_fft = fft_layer.apply(params, u)
+  y_matmul = fft_layer.clone(conv='matmul').apply(params, u)
+  scale = float(jnp.max(jnp.abs(y_fft)))
+  assert scale > 1.0
+  assert float(jnp.max(jnp.abs(y_fft - y_matmul))) <= 1e-5 * scale
+
+
+def test_model_with_matmul_s4d_gives_the_fft_outputs(tiny):
+  model, params, eval_apply = tiny
+  x, static, t = make_inputs()
+  matmul = model.clone(s4_conv='matmul')
+  out = fast_jit(lambda p, *a: matmul.apply({'params': p}, *a), params, x, static, t)(
+      params, x, static, t)
+  for name, value in eval_apply(params, x, static, t).items():
+    np.testing.assert_allclose(out[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_bfloat16_model_keeps_float32_parameters_and_outputs(tiny):
+  """bfloat16 compute: same parameters (float32), float32 outputs, close to the float32 model."""
+  model, params, eval_apply = tiny
+  x, static, t = make_inputs()
+  half = model.clone(dtype=jnp.bfloat16)
+  shapes = jax.eval_shape(functools.partial(half.init, train=False), jax.random.key(0), x,
+                          static, t)['params']
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
+  out = fast_jit(lambda p, *a: half.apply({'params': p}, *a), params, x, static, t)(
+      params, x, static, t)
+  reference = eval_apply(params, x, static, t)
+  for name, value in out.items():
+    assert value.dtype == jnp.float32, name
+    error = float(jnp.max(jnp.abs(value - reference[name])))
+    assert error <= 0.05 * float(jnp.max(jnp.abs(reference[name]))) + 1e-3, (name, error)
+  assert float(jnp.max(jnp.abs(out['signal'] - reference['signal']))) > 0  # bf16 was used.
+
+
 def test_resampling_shapes():
   x = jnp.ones((2, 52, 8))
   down = layers.Downsample(16)

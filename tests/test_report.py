@@ -1,4 +1,4 @@
-"""The convergence report (jaxtrain/report.py) on small constructed workdirs: a healthy run that
+"""The convergence report (jaxtrain/report/) on small constructed workdirs: a healthy run that
 passes every check, a collapsed one (the original's failure) that fails the right ones, every
 figure written, and compare mode."""
 
@@ -11,6 +11,7 @@ from configs import convergence
 from jaxtrain import evaluation
 from jaxtrain import optim
 from jaxtrain import report
+from jaxtrain.report import generation
 import fakes  # tests/fakes.py
 
 SPE = 5  # Optimizer updates per epoch of the constructed runs.
@@ -65,7 +66,7 @@ def make_run(workdir, collapsed, seed=0):
   """Writes config.json, run_info.json, metrics.jsonl and predictions/test.npz of a run."""
   os.makedirs(workdir, exist_ok=True)
   config = _config()
-  weights = {t: report._weight(config, t) for t in report.TERMS}
+  weights = {t: report.weight(config, t) for t in report.TERMS}
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(workdir, 'run_info.json'), 'w') as f:
@@ -101,7 +102,35 @@ def make_run(workdir, collapsed, seed=0):
     f.writelines(json.dumps(r) + '\n' for r in rows)
   evaluation.save_predictions(os.path.join(workdir, 'predictions', 'test.npz'), test_preds,
                               test_split, norm)
+  if not collapsed:  # The collapsed run never evaluated its generation.
+    generation.save_samples(os.path.join(workdir, report.GENERATION_SAMPLES),
+                            fake_generation_samples(seed))
   return workdir
+
+
+def fake_generation_samples(seed=0, generated_noise=0.4, num=8):
+  """generation/samples.npz arrays: 5 classes x 3 intensities, wave V earlier at higher
+  intensity; the generated traces are the clean ones plus noise of sd `generated_noise`."""
+  rng = np.random.default_rng(seed)
+  t_ms = np.arange(200) * 0.1
+  label, intensity = np.meshgrid(np.arange(5), [30.0, 60.0, 90.0], indexing='ij')
+  label, intensity = label.ravel(), intensity.ravel()
+  latency = 8.0 - 0.035 * (intensity - 60) + 0.1 * rng.normal(size=len(label))
+  clean = (np.exp(-0.5 * ((t_ms - latency[:, None]) / 0.35) ** 2)
+           - 0.8 * np.exp(-0.5 * ((t_ms - latency[:, None] - 2.5) / 1.4) ** 2))
+  clean = (clean - clean.mean(1, keepdims=True)) / clean.std(1, keepdims=True)
+  generated = clean[:, None] + generated_noise * rng.normal(size=(len(label), num, 200))
+  n = len(label)
+  return {'static': np.stack([np.zeros(n), intensity, np.full(n, 33.1), np.ones(n)], 1),
+          'label': label, 'latency_ms': latency, 'amplitude_uv': np.full(n, 0.3),
+          'threshold_db': np.full(n, 20.0), 'recorded': clean + 0.3 * rng.normal(size=clean.shape),
+          'clean': clean, 'generated': generated,
+          'read_v_probability': np.full((n, num), 0.9), 'read_v_latency_ms': latency[:, None]
+          + 0.2 * rng.normal(size=(n, num)), 'read_v_amplitude_uv': np.full((n, num), 0.25),
+          'read_class_pred': np.tile(label[:, None], num), 'read_threshold_db': np.full(
+              (n, num), 22.0), 'time_ms': t_ms, 'class_names': np.asarray(evaluation.CLASS_NAMES),
+          'checkpoint': 100, 'num': num, 'method': 'ddim', 'num_steps': 50, 'eta': np.nan,
+          'guidance_scale': 1.0, 'clip': True, 'seed': 0}
 
 
 def _results(workdir):
@@ -114,13 +143,15 @@ def test_healthy_run_passes_every_check(tmp_path):
   failed = {k: (c.rule, c.numbers) for k, c in checks.items() if not c.passed}
   assert not failed
   assert not warnings
-  assert len(checks) == 13
+  assert len(checks) == 14
+  assert '15 conditions x 8 traces: mean r 0.9' in checks['9'].numbers
 
 
 def test_collapsed_run_fails_the_right_checks(tmp_path):
   checks, warnings = _results(make_run(str(tmp_path / 'collapsed'), collapsed=True))
   failed = {k for k, c in checks.items() if not c.passed}
-  assert failed == {'2', '3', '5', '6', '7a', '7b', '7c', '7d', '7e', '7f', '8'}, failed
+  assert failed == {'2', '3', '5', '6', '7a', '7b', '7c', '7d', '7e', '7f', '8', '9'}, failed
+  assert 'not evaluated: run `python -m jaxtrain.generation_quality' in checks['9'].numbers
   assert 'val threshold' in checks['2'].numbers  # The dominating term is named.
   assert 'val peak_latency 2.943 -> 2.943' in checks['3'].numbers
   assert 'largest relative error' in checks['6'].numbers
@@ -132,14 +163,33 @@ def test_report_writes_every_figure_and_the_checklist(tmp_path, capsys):
   workdir = make_run(str(tmp_path / 'run'), collapsed=False)
   path = report.write_report(workdir)
   assert path == os.path.join(workdir, 'report', 'report.md')
-  for name in report.FIGURES:
+  for name in report.FIGURES + generation.FIGURES:
     figure = os.path.join(workdir, 'report', name)
     assert os.path.getsize(figure) > 10_000, name
   text = open(path).read()
-  assert '## Checklist: 13 of 13 PASS' in text
+  assert '## Checklist: 14 of 14 PASS' in text
   assert '| class/balanced_accuracy |' in text and 'NORMAL' in text
-  assert all(f'![{n}]({n})' in text for n in report.FIGURES)
-  assert '13 of 13 checks PASS' in capsys.readouterr().out
+  assert all(f'![{n}]({n})' in text for n in report.FIGURES + generation.FIGURES)
+  assert '## Generation quality (synthetic test conditions)' in text
+  assert '| 90 | 5 |' in text  # Per-intensity row: 5 conditions at 90 dB.
+  assert '14 of 14 checks PASS' in capsys.readouterr().out
+
+
+def test_generation_item_measures_the_samples(tmp_path):
+  samples = fake_generation_samples()
+  metrics = generation.condition_metrics(samples)
+  np.testing.assert_allclose(metrics['latency_ms'], samples['latency_ms'], atol=0.25)
+  head = generation.summary(samples)
+  assert head['mean_r'] > 0.9 and head['latency_mae_ms'] < 0.1
+  assert -0.45 < head['true_slope_ms_per_10db'] < -0.25 and head['slope_ms_per_10db'] < -0.25
+  noise = dict(samples, generated=np.random.default_rng(1).normal(size=samples['generated'].shape))
+  assert generation.summary(noise)['mean_r'] < 0.3
+  run = report.load_run(make_run(str(tmp_path / 'run'), collapsed=False))
+  run.generation = noise
+  item, = generation.check(run)
+  assert not item.passed and '15 conditions x 8 traces: mean r ' in item.numbers
+  run.config.loss.weights.signal = 0.0  # A run that did not train the denoiser: no item.
+  assert generation.check(run) == []
 
 
 def test_compare_mode_one_table_same_axes(tmp_path):

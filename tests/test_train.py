@@ -75,6 +75,18 @@ def test_presets_keep_the_optimizer_schedule_and_weights():
     convergence.get_config('tiny')
 
 
+def test_compilation_cache_goes_to_the_workdir_unless_one_is_set(tmp_path):
+  config = convergence.get_config('test')
+  workdir = str(tmp_path)
+  expected = os.path.join(workdir, 'compilation_cache')
+  assert train.compilation_cache_dir(config, workdir, None) == (expected, True)
+  assert train.compilation_cache_dir(config, workdir, '/set') == ('/set', False)
+  config.compilation_cache_dir = '/abs/cache'
+  assert train.compilation_cache_dir(config, workdir, None) == ('/abs/cache', True)
+  config.compilation_cache_dir = ''
+  assert train.compilation_cache_dir(config, workdir, None) == (None, False)
+
+
 def test_early_stopping_honours_patience_and_min_delta():
   stopper = train.EarlyStopping(patience=2, min_delta=0.1)
   assert stopper.update(1.0)  # First value is a new best.
@@ -95,8 +107,12 @@ def tiny_run(tmp_path_factory):
   config = convergence.get_config('test')
   config.training.num_epochs = 3
   compiles, per_epoch = [], []
+  # A program is compiled, or loaded from the persistent compilation cache (which other tests
+  # may have filled): count both.
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, _, **kw: compiles.append(event) if 'backend_compile' in event else None)
+  jax.monitoring.register_event_listener(
+      lambda event, **kw: compiles.append(event) if event.endswith('/cache_hits') else None)
   original = monitors.Monitor.check
 
   def check(self, epoch, history, metrics):

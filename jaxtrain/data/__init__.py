@@ -15,6 +15,9 @@ patient, fits the standardisation on the training split and builds the batch for
   same per-trace mean/sd; static f32 [N, 4] standardised; peak_mask f32 [N]; peak_latency,
   peak_amplitude f32 [N] standardised, 0 where absent; label i32 [N]; threshold f32 [N]
   standardised, 0 where unknown; threshold_mask f32 [N]; patient_id i64 [N].
+
+A batch (`train_batches`, `eval_batches`) holds these keys but patient_id, [B, ...], and
+mask f32 [B]: 1 for a recording, 0 for a padding row of the last evaluation batch.
 """
 
 import dataclasses
@@ -32,13 +35,16 @@ from jaxtrain.data.original_pickle import UnsafePickleError
 from jaxtrain.data.pipeline import eval_batches
 from jaxtrain.data.pipeline import num_train_batches
 from jaxtrain.data.pipeline import prefetch_to_device
+from jaxtrain.data.pipeline import stack_updates
 from jaxtrain.data.pipeline import train_batches
 from jaxtrain.data.splits import Normalizer
 
 __all__ = ['Dataset', 'load_dataset', 'load_records', 'build_dataset', 'Normalizer',
-           'train_batches', 'num_train_batches', 'eval_batches', 'prefetch_to_device',
+           'NORMALIZER_FILE', 'split_records', 'standardize_traces', 'train_batches',
+           'num_train_batches', 'eval_batches', 'prefetch_to_device', 'stack_updates',
            'BadRecordError', 'UnsafePickleError']
 
+NORMALIZER_FILE = 'normalizer.json'  # A run's training-split normaliser, in its workdir.
 NUM_CLASSES = synthetic.NUM_CLASSES
 CLASS_NAMES = synthetic.CLASS_NAMES
 _MIN_TRACE_STD = 1e-8  # Flat traces are centred but not scaled (as the original did).
@@ -72,12 +78,53 @@ def load_records(data_config):
   if source == 'pickle':
     obj = original_pickle.load(_path(data_config))
     records, meta = original_pickle.to_records(obj, data_config.on_bad_record, data_config.path)
+    # Name records by their index in the file, past the malformed ones that were skipped.
+    index = np.setdiff1d(np.arange(meta['records_in_file']), meta['skipped_indices'])
   elif source == 'npz':
     records, meta = npz.read(_path(data_config))
+    index = np.arange(len(records['label']))
   else:
     raise ValueError(f"config.data.source must be 'synthetic', 'pickle' or 'npz', not "
                      f'{source!r}.')
+  records, meta['flat_traces'] = _flat_traces(records, index, data_config)
   return records, {'source': source, 'path': data_config.path, **meta}
+
+
+def _flat_traces(records, index, data_config):
+  """Finds the zero-variance (e.g. all-zero) traces, names them in one log line, and drops
+  them if `data_config.drop_flat_traces`.
+
+  Args:
+    records: the loaded records.
+    index: [N] the record number of each row in the file, for the log line.
+    data_config: config.data.
+
+  Returns:
+    (records, JSON-able {'records': [file record numbers], 'dropped': bool}).
+  """
+  flat = np.flatnonzero(records['signal'].std(axis=1) <= _MIN_TRACE_STD)
+  found = {'records': index[flat].tolist(), 'dropped': bool(data_config.drop_flat_traces)}
+  if not flat.size:
+    return records, found
+  names = ', '.join(f'record {index[i]} (patient {records["patient_id"][i]})' for i in flat[:20])
+  more = f' and {flat.size - 20} more' if flat.size > 20 else ''
+  action = ('dropped (config.data.drop_flat_traces=True)' if found['dropped'] else
+            'kept, centred but not scaled (config.data.drop_flat_traces=True drops them)')
+  logging.warning('%s: %d zero-variance (flat) trace(s), %s: %s%s.', data_config.path,
+                  flat.size, action, names, more)
+  if found['dropped']:
+    records = {k: np.delete(v, flat, axis=0) for k, v in records.items()}
+  return records, found
+
+
+def split_records(data_config, split):
+  """The records (in units, as loaded) of one split ('train', 'val' or 'test') of a config's
+  data, in the order the split's rows have in `load_dataset`."""
+  records, _ = load_records(data_config)
+  ratios = (data_config.train_ratio, data_config.val_ratio, data_config.test_ratio)
+  rows = splits.split_patients(records['patient_id'], records['label'], ratios,
+                               data_config.split_seed, NUM_CLASSES)[split]
+  return {k: v[rows] for k, v in records.items()}
 
 
 def _path(data_config):
@@ -112,13 +159,22 @@ def build_dataset(records, info, data_config):
                  info=info)
 
 
-def _standardize(records, rows, normalizer):
-  """The batch-format arrays of the recordings `rows` (see the module docstring)."""
-  signal = records['signal'][rows].astype(np.float64)
+def standardize_traces(signal):
+  """Each trace z-scored on its own: (z f32 [N, L], mean [N, 1], std [N, 1]) of signal [N, L].
+
+  A flat trace (std <= 1e-8) is centred but not scaled (as the original did).
+  """
+  signal = np.asarray(signal, np.float64)
   mean = signal.mean(axis=1, keepdims=True)
   std = signal.std(axis=1, keepdims=True)
   std = np.where(std > _MIN_TRACE_STD, std, 1.)
-  out = {'signal': ((signal - mean) / std).astype(np.float32)}
+  return ((signal - mean) / std).astype(np.float32), mean, std
+
+
+def _standardize(records, rows, normalizer):
+  """The batch-format arrays of the recordings `rows` (see the module docstring)."""
+  z, mean, std = standardize_traces(records['signal'][rows])
+  out = {'signal': z}
   if 'clean' in records:
     out['clean'] = ((records['clean'][rows] - mean) / std).astype(np.float32)
   out['static'] = normalizer.standardize('static', records['static'][rows]).astype(np.float32)

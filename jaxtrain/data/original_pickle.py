@@ -274,6 +274,7 @@ def to_records(obj, on_bad_record, source=''):
       'records_in_file': n,
       'skipped_records': len(problems),
       'skipped_by_field': by_field,
+      'skipped_indices': sorted(problems),
       'class_names': class_names,
       'v_peak_mask_disagreements': int(np.sum(mask[:, 0] != mask[:, 1])),
       'threshold_known': int(has_threshold[keep].sum()),

@@ -64,6 +64,20 @@ def eval_batches(split, batch_size, *, process_index=0, process_count=1):
     yield batch
 
 
+def stack_updates(batches, accumulation_steps):
+  """Groups consecutive micro-batches into the stacked input of one optimizer update.
+
+  Yields:
+    dict of [accumulation_steps, local batch, ...] arrays; a trailing partial group is dropped
+    (an epoch is a whole number of updates).
+  """
+  batches = iter(batches)
+  while group := list(itertools.islice(batches, accumulation_steps)):
+    if len(group) < accumulation_steps:
+      return
+    yield {k: np.stack([b[k] for b in group]) for k in group[0]}
+
+
 def prefetch_to_device(batches, sharding, size=2):
   """Yields the batches as global jax.Arrays, keeping `size` transfers in flight.
 

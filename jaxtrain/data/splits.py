@@ -8,6 +8,8 @@ class weights) is fit on the training split only (the original fit its scaler on
 reference pitfall 16).
 """
 
+import json
+
 import numpy as np
 
 SPLITS = ('train', 'val', 'test')
@@ -96,6 +98,17 @@ class Normalizer:
   @classmethod
   def from_dict(cls, d):
     return cls({name: (v['mean'], v['std']) for name, v in d.items()})
+
+  def save(self, path):
+    """Writes `to_dict()` as JSON to `path`."""
+    with open(path, 'w') as f:
+      json.dump(self.to_dict(), f, indent=2)
+
+  @classmethod
+  def load(cls, path):
+    """Reads a file written by `save`."""
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
 
 
 def _mean_std(x):

@@ -7,6 +7,7 @@ from jaxtrain.data import synthetic
 
 def _stats(x):
   x = np.asarray(x, np.float64)
+  x = x[~np.isnan(x)]  # Undefined values (the SNR of a flat trace) are left out.
   if not x.size:
     return {'n': 0}
   return {'n': int(x.size), 'mean': float(x.mean()), 'std': float(x.std()),

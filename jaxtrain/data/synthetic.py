@@ -214,11 +214,13 @@ def snr_db(signal):
     signal: [N, 200] traces.
 
   Returns:
-    [N] SNR in dB.
+    [N] SNR in dB; NaN where samples 50-199 are constant (e.g. an all-zero trace).
   """
   signal = np.asarray(signal, np.float64)
   early = np.maximum(signal[:, :50].var(axis=1), 1e-30)
-  return 10 * np.log10(signal[:, 50:].var(axis=1) / early)
+  late = signal[:, 50:].var(axis=1)
+  ratio = np.divide(late, early, out=np.full(len(late), np.nan), where=late > 0)
+  return 10 * np.log10(ratio, out=np.full(len(late), np.nan), where=late > 0)
 
 
 def _allocate(total, shares):

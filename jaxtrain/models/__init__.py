@@ -1,6 +1,35 @@
 """Models: `create_model(config)` builds the multi-task hierarchical U-Net from `config.model`."""
 
+import jax
+import jax.numpy as jnp
+
 from jaxtrain.models.unet import HierarchicalUNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+S4_CONVS = ('fft', 'matmul')
+
+
+def _resolve(config, key, choices, auto):
+  """`config.model.<key>`, with 'auto' replaced by `auto[backend]` (else `auto['other']`)."""
+  name = config.model[key]
+  if name == 'auto':
+    name = auto.get(jax.default_backend(), auto['other'])
+  if name not in choices:
+    raise ValueError(f"Unknown model.{key} {config.model[key]!r}; expected 'auto' or one of "
+                     f'{tuple(choices)}.')
+  return name
+
+
+def compute_dtype(config):
+  """The compute dtype: `model.dtype`, where 'auto' is float32 on a CPU, bfloat16 on a GPU or
+  TPU."""
+  return DTYPES[_resolve(config, 'dtype', DTYPES, {'cpu': 'float32', 'other': 'bfloat16'})]
+
+
+def s4_conv(config):
+  """How the S4D layers convolve: `model.s4_conv`, where 'auto' is the Toeplitz matmul on a TPU
+  (its FFT is slow next to its matmuls) and the FFT elsewhere."""
+  return _resolve(config, 's4_conv', S4_CONVS, {'tpu': 'matmul', 'other': 'fft'})
 
 
 def create_model(config):
@@ -21,4 +50,6 @@ def create_model(config):
       n_heads=m.n_heads,
       dropout=m.dropout,
       cond_drop_rate=m.cond_drop_rate,
-      attention_min_length=m.attention_min_length)
+      attention_min_length=m.attention_min_length,
+      s4_conv=s4_conv(config),
+      dtype=compute_dtype(config))

@@ -5,6 +5,9 @@ queries; they see a fixed positional embedding beside the features, so a pooled 
 say *where* a peak is (latency), not only what is there.
 """
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,26 +32,29 @@ def bounded_log_scale(raw):
 
 
 class SignalHead(nn.Module):
-  """Per-time-step denoiser output: [B, L, C] -> [B, L]."""
+  """Per-time-step denoiser output: [B, L, C] -> [B, L] float32."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h):
     h = nn.gelu(layers.group_norm(h))
-    h = nn.gelu(nn.Conv(h.shape[-1], (3,))(h))
-    return nn.Dense(1, kernel_init=OUTPUT_INIT)(h)[..., 0]
+    h = nn.gelu(nn.Conv(h.shape[-1], (3,), dtype=self.dtype)(h))
+    return nn.Dense(1, kernel_init=OUTPUT_INIT, dtype=self.dtype)(h)[..., 0].astype(jnp.float32)
 
 
 class PooledHead(nn.Module):
-  """Attention pooling over time, then an MLP: [B, L, C] -> [B, n_out].
+  """Attention pooling over time, then an MLP: [B, L, C] -> [B, n_out] float32.
 
   Attributes:
     n_out: outputs.
     hidden: MLP width.
     dropout: dropout rate on the hidden layer.
+    dtype: compute dtype of the dense layers (the pooling softmax is float32).
   """
   n_out: int
   hidden: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, train):
@@ -56,9 +62,10 @@ class PooledHead(nn.Module):
     position = layers.sinusoidal_embedding(jnp.arange(length), POSITION_DIM, max_period=length)
     z = jnp.concatenate(
         [nn.LayerNorm()(h), jnp.broadcast_to(position, (batch,) + position.shape)], axis=-1)
-    scores = nn.Dense(N_QUERIES)(nn.gelu(nn.Dense(self.hidden)(z)))  # [B, L, Q]
-    weights = nn.softmax(scores, axis=1)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    scores = dense(N_QUERIES)(nn.gelu(dense(self.hidden)(z)))  # [B, L, Q]
+    weights = nn.softmax(scores.astype(jnp.float32), axis=1)
     pooled = jnp.einsum('blq,blc->bqc', weights, z).reshape(batch, -1)
-    hidden = nn.gelu(nn.Dense(self.hidden)(pooled))
+    hidden = nn.gelu(dense(self.hidden)(pooled))
     hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
-    return nn.Dense(self.n_out, kernel_init=OUTPUT_INIT)(hidden)
+    return dense(self.n_out, kernel_init=OUTPUT_INIT)(hidden).astype(jnp.float32)

@@ -3,9 +3,16 @@
 Every block that can be switched to training takes `train`; dropout then draws from the
 'dropout' rng stream. Length changes are reshapes plus dense layers (space-to-depth down,
 sub-pixel up): XLA:CPU's ConvTranspose backward is 20-40x slower than these.
+
+Mixed precision: `dtype` is the compute dtype of the dense, convolution and attention layers
+(bfloat16 on accelerators); parameters stay float32. Norms are left at flax's default, which
+reduces and returns float32, so the residual stream and the norms stay in float32 and only
+the matmuls and convolutions run in `dtype`. Attention takes its softmax in float32.
 """
 
+import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -31,11 +38,12 @@ def group_norm(x):
 
 class FiLM(nn.Module):
   """Feature-wise linear modulation by the condition vector: x * (1 + scale) + shift."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, cond):
     """x [B, L, C], cond [B, D] -> [B, L, C]."""
-    params = nn.Dense(2 * x.shape[-1], kernel_init=FILM_INIT)(nn.gelu(cond))
+    params = nn.Dense(2 * x.shape[-1], kernel_init=FILM_INIT, dtype=self.dtype)(nn.gelu(cond))
     scale, shift = jnp.split(params[:, None, :], 2, axis=-1)
     return x * (1.0 + scale) + shift
 
@@ -46,19 +54,21 @@ class ResBlock(nn.Module):
   Attributes:
     channels: output channels (a 1x1 projection matches the residual when they change).
     dropout: dropout rate before the second convolution.
+    dtype: compute dtype of the convolutions.
   """
   channels: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, cond, train):
     """x [B, L, Cin], cond [B, D] -> [B, L, channels]."""
-    h = nn.Conv(self.channels, (3,))(nn.gelu(group_norm(x)))
-    h = FiLM()(group_norm(h), cond)
+    h = nn.Conv(self.channels, (3,), dtype=self.dtype)(nn.gelu(group_norm(x)))
+    h = FiLM(self.dtype)(group_norm(h), cond)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
-    h = nn.Conv(self.channels, (3,))(h)
+    h = nn.Conv(self.channels, (3,), dtype=self.dtype)(h)
     if x.shape[-1] != self.channels:
-      x = nn.Dense(self.channels, name='residual')(x)
+      x = nn.Dense(self.channels, name='residual', dtype=self.dtype)(x)
     return x + h
 
 
@@ -68,15 +78,20 @@ class S4Block(nn.Module):
   Attributes:
     d_state: S4D modes per channel and direction.
     dropout: dropout rate.
+    conv: how S4D applies its kernels, 'fft' or 'matmul' (see s4.S4D).
+    dtype: compute dtype of the dense layer and of the matmul convolution.
   """
   d_state: int
   dropout: float
+  conv: str = 'fft'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train):
     """[B, L, C] -> [B, L, C]."""
-    h = nn.gelu(s4.S4D(self.d_state, bidirectional=True)(nn.LayerNorm()(x)))
-    h = nn.glu(nn.Dense(2 * x.shape[-1])(h), axis=-1)
+    h = nn.gelu(s4.S4D(self.d_state, bidirectional=True, conv=self.conv, dtype=self.dtype)(
+        nn.LayerNorm()(x)))
+    h = nn.glu(nn.Dense(2 * x.shape[-1], dtype=self.dtype)(h), axis=-1)
     return x + nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
@@ -86,9 +101,11 @@ class TransformerBlock(nn.Module):
   Attributes:
     n_heads: attention heads (must divide the channel count).
     dropout: dropout rate on attention weights and on each residual branch.
+    dtype: compute dtype of the projections and attention products.
   """
   n_heads: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, memory, train):
@@ -98,32 +115,36 @@ class TransformerBlock(nn.Module):
 
     def attention(name):
       return nn.MultiHeadDotProductAttention(
-          num_heads=self.n_heads, dropout_rate=self.dropout, deterministic=not train, name=name)
+          num_heads=self.n_heads, dropout_rate=self.dropout, deterministic=not train, name=name,
+          dtype=self.dtype, attention_fn=functools.partial(nn.dot_product_attention,
+                                                           force_fp32_for_softmax=True))
 
     h = nn.LayerNorm()(x)
     x = x + drop(attention('self_attention')(h, h))
     x = x + drop(attention('cross_attention')(nn.LayerNorm()(x), nn.LayerNorm()(memory)))
-    h = nn.gelu(nn.Dense(4 * channels)(nn.LayerNorm()(x)))
-    return x + drop(nn.Dense(channels)(h))
+    h = nn.gelu(nn.Dense(4 * channels, dtype=self.dtype)(nn.LayerNorm()(x)))
+    return x + drop(nn.Dense(channels, dtype=self.dtype)(h))
 
 
 class Downsample(nn.Module):
   """Halves the length: pairs of time steps are stacked (space-to-depth) and projected."""
   channels: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """[B, L, C] -> [B, L/2, channels] (L even)."""
     batch, length, channels = x.shape
-    return nn.Dense(self.channels)(x.reshape(batch, length // 2, 2 * channels))
+    return nn.Dense(self.channels, dtype=self.dtype)(x.reshape(batch, length // 2, 2 * channels))
 
 
 class Upsample(nn.Module):
   """Doubles the length by sub-pixel projection: each step emits two steps' channels."""
   channels: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """[B, L, C] -> [B, 2L, channels]."""
     batch, length, _ = x.shape
-    return nn.Dense(2 * self.channels)(x).reshape(batch, 2 * length, self.channels)
+    return nn.Dense(2 * self.channels, dtype=self.dtype)(x).reshape(batch, 2 * length, self.channels)

@@ -6,12 +6,16 @@ Each of the H channels is a linear state-space model with N complex diagonal mod
 discretised with zero-order hold at a learned step dt = exp(log_dt) (B = 1 is folded into C).
 Its impulse response is the convolution kernel
   K[h, l] = 2 Re( sum_n C[h,n] (exp(dt A[h,n]) - 1) / A[h,n] * exp(dt A[h,n] l) ),  l = 0..L-1,
-computed from the parameters on every call and applied by FFT convolution in O(L log L).
+computed from the parameters on every call (in float32, whatever the compute dtype) and applied
+either by FFT convolution in O(L log L) or as one matmul with the kernel's Toeplitz matrix in
+O(L^2). The matmul form suits TPUs, where FFTs and complex arithmetic are slow next to
+matmuls and our lengths are short (L <= 208); FFT suits CPUs and GPUs.
 The bidirectional layer adds a second, independent kernel applied anti-causally (to the future
 samples), so the denoiser sees the whole trace.
 """
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,6 +69,34 @@ def fft_conv(u, causal_kernel, anticausal_kernel=None):
   return jnp.fft.irfft(u_f * k_f[None], n=n, axis=1)[:, :length].astype(u.dtype)
 
 
+def toeplitz_conv(u, causal_kernel, anticausal_kernel=None, dtype=jnp.float32):
+  """`fft_conv` as a matmul: y[b, i, h] = sum_j T[h, i, j] u[b, j, h], T the kernels' Toeplitz
+  matrix, T[h, i, j] = causal[h, i - j] for i >= j, anticausal[h, j - i - 1] for j > i.
+
+  Args:
+    u: [B, L, H] input.
+    causal_kernel, anticausal_kernel: [H, L] as in `fft_conv` (anticausal optional).
+    dtype: dtype of the matmul operands; it accumulates in float32.
+
+  Returns:
+    [B, L, H] in u's dtype.
+  """
+  channels, length = causal_kernel.shape
+  if anticausal_kernel is None:
+    anticausal_kernel = jnp.zeros_like(causal_kernel)
+  # by_lag[:, L-1+d] is the kernel at lag d = i - j, for d = -(L-1)..L-1.
+  by_lag = jnp.concatenate([anticausal_kernel[:, :length - 1][:, ::-1], causal_kernel], axis=1)
+  # Row i of T is by_lag[L-1+i-j] for j = 0..L-1, i.e. the reversed lags from L-1-i. Tiling the
+  # reversed lags and re-reading them with a row stride one shorter than their length shifts
+  # each row by one: slices and reshapes only, so the kernel gradient needs no scatter.
+  reversed_lags = by_lag[:, ::-1]  # [H, 2L-1]
+  tiled = jnp.tile(reversed_lags, (1, length))[:, length - 1:length - 1 + length * (2 * length - 2)]
+  toeplitz = tiled.reshape(channels, length, 2 * length - 2)[:, :, :length]  # [H, L, L]
+  y = jnp.einsum('hij,bjh->bih', toeplitz.astype(dtype), u.astype(dtype),
+                 preferred_element_type=jnp.float32)
+  return y.astype(u.dtype)
+
+
 def _log_dt_init(key, shape):
   return jax.random.uniform(key, shape, minval=math.log(DT_MIN), maxval=math.log(DT_MAX))
 
@@ -80,9 +112,13 @@ class S4D(nn.Module):
   Attributes:
     d_state: N, complex diagonal modes per channel (and per direction).
     bidirectional: add an anti-causal kernel with its own parameters.
+    conv: 'fft' (`fft_conv`, in float32) or 'matmul' (`toeplitz_conv`, operands in `dtype`).
+    dtype: compute dtype of the matmul convolution.
   """
   d_state: int
   bidirectional: bool = True
+  conv: str = 'fft'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, u):
@@ -98,4 +134,10 @@ class S4D(nn.Module):
       c = self.param(f'{direction}_c', nn.initializers.normal(math.sqrt(0.5)), shape + (2,))
       kernels.append(s4d_kernel(log_dt, log_a_real, a_imag, c[..., 0] + 1j * c[..., 1], length))
     d = self.param('d', nn.initializers.normal(1.0), (channels,))
-    return fft_conv(u, *kernels) + d * u
+    if self.conv == 'fft':
+      y = fft_conv(u.astype(jnp.float32), *kernels)  # rfft takes no bfloat16.
+    elif self.conv == 'matmul':
+      y = toeplitz_conv(u, *kernels, dtype=self.dtype)
+    else:
+      raise ValueError(f"Unknown S4D convolution {self.conv!r}; expected 'fft' or 'matmul'.")
+    return (y + d * u).astype(u.dtype)

@@ -16,6 +16,9 @@ of a sample with t > 0 is replaced by a learned null condition at rate `cond_dro
 (classifier-free guidance); clean inputs (t = 0, the task heads' pass) keep their condition.
 """
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,9 +33,11 @@ class Conditioning(nn.Module):
   Attributes:
     dim: condition width.
     cond_drop_rate: training-time rate of the null condition for samples with t > 0.
+    dtype: compute dtype of the MLPs.
   """
   dim: int
   cond_drop_rate: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, static, t, train, uncond=None):
@@ -41,8 +46,9 @@ class Conditioning(nn.Module):
     Rows with `uncond` True get the null condition (classifier-free guidance at sampling).
     """
     time = layers.sinusoidal_embedding(t, self.dim // 4)
-    time = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.dim)(time)))
-    cond = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.dim)(static)))
+    dense = functools.partial(nn.Dense, self.dim, dtype=self.dtype)
+    time = dense()(nn.gelu(dense()(time)))
+    cond = dense()(nn.gelu(dense()(static)))
     null = self.param('null_condition', nn.initializers.normal(0.02), (self.dim,))
     if train and self.cond_drop_rate > 0:
       drop = jax.random.bernoulli(self.make_rng('condition'), self.cond_drop_rate, t.shape)
@@ -58,12 +64,14 @@ class EncoderLevel(nn.Module):
   n_s4_layers: int
   d_state: int
   dropout: float
+  s4_conv: str = 'fft'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, cond, train):
-    h = layers.ResBlock(self.channels, self.dropout)(h, cond, train)
+    h = layers.ResBlock(self.channels, self.dropout, self.dtype)(h, cond, train)
     for _ in range(self.n_s4_layers):
-      h = layers.S4Block(self.d_state, self.dropout)(h, train)
+      h = layers.S4Block(self.d_state, self.dropout, self.s4_conv, self.dtype)(h, train)
     return h
 
 
@@ -72,14 +80,16 @@ class Bottleneck(nn.Module):
   n_s4_layers: int
   d_state: int
   dropout: float
+  s4_conv: str = 'fft'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, cond, train):
     channels = h.shape[-1]
-    h = layers.ResBlock(channels, self.dropout)(h, cond, train)
+    h = layers.ResBlock(channels, self.dropout, self.dtype)(h, cond, train)
     for _ in range(self.n_s4_layers):
-      h = layers.S4Block(self.d_state, self.dropout)(h, train)
-    return layers.ResBlock(channels, self.dropout)(h, cond, train)
+      h = layers.S4Block(self.d_state, self.dropout, self.s4_conv, self.dtype)(h, train)
+    return layers.ResBlock(channels, self.dropout, self.dtype)(h, cond, train)
 
 
 class DecoderLevel(nn.Module):
@@ -92,20 +102,27 @@ class DecoderLevel(nn.Module):
   n_transformer_layers: int
   n_heads: int
   dropout: float
+  s4_conv: str = 'fft'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, skip, cond, train):
     channels = h.shape[-1]
-    h = layers.ResBlock(channels, self.dropout)(jnp.concatenate([h, skip], axis=-1), cond, train)
+    h = layers.ResBlock(channels, self.dropout, self.dtype)(
+        jnp.concatenate([h, skip], axis=-1), cond, train)
     for _ in range(self.n_s4_layers):
-      h = layers.S4Block(self.d_state, self.dropout)(h, train)
+      h = layers.S4Block(self.d_state, self.dropout, self.s4_conv, self.dtype)(h, train)
     for _ in range(self.n_transformer_layers):
-      h = layers.TransformerBlock(self.n_heads, self.dropout)(h, skip, train)
+      h = layers.TransformerBlock(self.n_heads, self.dropout, self.dtype)(h, skip, train)
     return h
 
 
 class HierarchicalUNet(nn.Module):
-  """Multi-task denoiser. Sizes: see `config.model` in configs/default.py."""
+  """Multi-task denoiser. Sizes: see `config.model` in configs/default.py.
+
+  `s4_conv` ('fft' or 'matmul') is how the S4D layers convolve; `dtype` is the compute dtype
+  (float32 or bfloat16; parameters are float32 either way, and every output is float32).
+  """
   n_classes: int
   base_channels: int
   max_channels: int
@@ -117,6 +134,8 @@ class HierarchicalUNet(nn.Module):
   dropout: float
   cond_drop_rate: float
   attention_min_length: int
+  s4_conv: str = 'fft'
+  dtype: Any = jnp.float32
 
   def level_channels(self, level):
     return min(self.base_channels * 2**level, self.max_channels)
@@ -139,41 +158,43 @@ class HierarchicalUNet(nn.Module):
     length = x.shape[1]
     factor = 2**self.n_levels
     padded = -(-length // factor) * factor
-    cond = Conditioning(4 * self.base_channels, self.cond_drop_rate, name='condition')(
+    dtype, s4_conv = self.dtype, self.s4_conv
+    cond = Conditioning(4 * self.base_channels, self.cond_drop_rate, dtype, name='condition')(
         static, t, train, uncond)
 
     h = jnp.pad(x, ((0, 0), (0, padded - length)))[..., None]
-    h = nn.Conv(self.base_channels, (7,), name='stem')(h)
+    h = nn.Conv(self.base_channels, (7,), name='stem', dtype=dtype)(h)
     skips = []
     for level in range(self.n_levels):
       h = EncoderLevel(self.level_channels(level), self.n_s4_layers, self.d_state, self.dropout,
-                       name=f'enc_{level}')(h, cond, train)
+                       s4_conv, dtype, name=f'enc_{level}')(h, cond, train)
       skips.append(h)
-      h = layers.Downsample(self.level_channels(min(level + 1, self.n_levels - 1)),
+      h = layers.Downsample(self.level_channels(min(level + 1, self.n_levels - 1)), dtype,
                             name=f'down_{level}')(h)
-    h = Bottleneck(self.n_s4_layers, self.d_state, self.dropout, name='bottleneck')(
-        h, cond, train)
+    h = Bottleneck(self.n_s4_layers, self.d_state, self.dropout, s4_conv, dtype,
+                   name='bottleneck')(h, cond, train)
     # Attention runs at one decoder level, the shortest one at least attention_min_length
     # long: coarse enough to be cheap (its cost grows as length**2), fine enough to resolve
     # the waves. S4 carries global context at every other level.
     attention_level = max([level for level in range(self.n_levels)
                            if padded // 2**level >= self.attention_min_length], default=0)
     for level in reversed(range(self.n_levels)):
-      h = layers.Upsample(self.level_channels(level), name=f'up_{level}')(h)
+      h = layers.Upsample(self.level_channels(level), dtype, name=f'up_{level}')(h)
       n_attention = self.n_transformer_layers if level == attention_level else 0
       h = DecoderLevel(self.n_s4_layers, self.d_state, n_attention, self.n_heads, self.dropout,
-                       name=f'dec_{level}')(h, skips[level], cond, train)
+                       s4_conv, dtype, name=f'dec_{level}')(h, skips[level], cond, train)
     features = h[:, :length]  # [B, L, C_0]
 
     hidden = 2 * self.base_channels
-    peak = heads.PooledHead(5, hidden, self.dropout, name='peak_head')(features, train)
-    threshold = heads.PooledHead(2, hidden, self.dropout, name='threshold_head')(features, train)
+    peak = heads.PooledHead(5, hidden, self.dropout, dtype, name='peak_head')(features, train)
+    threshold = heads.PooledHead(2, hidden, self.dropout, dtype, name='threshold_head')(
+        features, train)
     return {
-        'signal': heads.SignalHead(name='signal_head')(features),
+        'signal': heads.SignalHead(dtype, name='signal_head')(features),
         'peak_exist': peak[:, 0],
         'peak_latency': jnp.stack([peak[:, 1], heads.bounded_log_scale(peak[:, 2])], axis=-1),
         'peak_amplitude': jnp.stack([peak[:, 3], heads.bounded_log_scale(peak[:, 4])], axis=-1),
-        'class_logits': heads.PooledHead(self.n_classes, hidden, self.dropout,
+        'class_logits': heads.PooledHead(self.n_classes, hidden, self.dropout, dtype,
                                          name='class_head')(features, train),
         'threshold': jnp.stack([threshold[:, 0], heads.bounded_log_scale(threshold[:, 1])],
                                axis=-1),

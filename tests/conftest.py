@@ -1,0 +1,18 @@
+"""Fixtures shared by test files: a trained and saved `:test` run."""
+
+import pytest
+
+from configs import convergence
+from jaxtrain import train
+
+
+@pytest.fixture(scope='session')
+def saved_test_run(tmp_path_factory):
+  """(config, workdir) of a finished one-epoch `:test` run: checkpoints, config.json,
+  normalizer.json, predictions/test.npz and the report."""
+  workdir = str(tmp_path_factory.mktemp('saved_test_run'))
+  config = convergence.get_config('test')
+  config.training.num_epochs = 1
+  config.training.accumulation_steps = 1  # More updates in the tiny epoch; a faster compile.
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
