@@ -112,8 +112,10 @@ def measure(size, conv, accumulate, dtype, updates):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, bytes_accessed = float(cost['flops']), float(cost['bytes accessed'])
-  kernels = _count_kernels(compiled.as_text())
   t = config.training
+  if t.accumulate_with == 'scan':  # XLA's cost analysis counts a loop body once.
+    flops, bytes_accessed = flops * t.accumulation_steps, bytes_accessed * t.accumulation_steps
+  kernels = _count_kernels(compiled.as_text())
   samples = t.batch_size * t.accumulation_steps
   times = np.asarray(times)
   row = {
