@@ -212,12 +212,12 @@ def load_best_params(path, abstract_params):
   return found
 
 
-def _flatten(tree, prefix=''):
+def flatten_config(tree, prefix=''):
   """{'a.b': leaf} of a nested dict."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
+      out.update(flatten_config(value, f'{prefix}{key}.'))
     else:
       out[f'{prefix}{key}'] = value
   return out
@@ -225,7 +225,7 @@ def _flatten(tree, prefix=''):
 
 def config_differences(saved, requested):
   """{dotted key: (saved value, requested value)} where two config dicts differ (None: absent)."""
-  a, b = _flatten(saved), _flatten(requested)
+  a, b = flatten_config(saved), flatten_config(requested)
   return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
@@ -265,7 +265,7 @@ def check_resume_config(workdir, config):
   if saved is None:
     return
   differences = config_differences(saved, config_as_dict(config))
-  defaults = _flatten(config_as_dict(default.get_config()))
+  defaults = flatten_config(config_as_dict(default.get_config()))
   # A key added after the run was saved behaves, at its default, as the run did without it.
   structural = {k: v for k, v in differences.items() if is_structural(k)
                 and not (v[0] is None and k in defaults and v[1] == defaults[k])}

@@ -161,32 +161,17 @@ def load_config(workdir):
   with open(path) as f:
     saved = json.load(f)
   defaults = checkpoint.config_as_dict(default_config.get_config())
-  saved_keys, default_keys = _dotted_keys(saved), _dotted_keys(defaults)
-  unknown = sorted(saved_keys - default_keys)
+  saved_flat, default_flat = checkpoint.flatten_config(saved), checkpoint.flatten_config(defaults)
+  unknown = sorted(saved_flat.keys() - default_flat.keys())
   if unknown:
     raise IncompatibleRunError(
         f'{path} has keys this version of jaxtrain does not know: {", ".join(unknown)}. It was '
         'written by another version; load it with the jaxtrain version that trained it.')
-  filled = sorted(default_keys - saved_keys)
+  filled = sorted(default_flat.keys() - saved_flat.keys())
   if filled:
     logging.info('%s predates the keys %s: using their defaults from configs/default.py.',
-                 path, ', '.join(f'{k}={_get(defaults, k)!r}' for k in filled))
+                 path, ', '.join(f'{k}={default_flat[k]!r}' for k in filled))
   return ml_collections.ConfigDict(_merge(defaults, saved))
-
-
-def _dotted_keys(tree, prefix=''):
-  """{'a.b.c', ...}: the leaf keys of a nested dict."""
-  keys = set()
-  for key, value in tree.items():
-    keys |= (_dotted_keys(value, f'{prefix}{key}.') if isinstance(value, dict)
-             else {f'{prefix}{key}'})
-  return keys
-
-
-def _get(tree, dotted):
-  for part in dotted.split('.'):
-    tree = tree[part]
-  return tree
 
 
 def _merge(base, override):
