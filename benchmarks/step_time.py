@@ -113,9 +113,13 @@ def measure(size, conv, accumulate, dtype, updates):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, bytes_accessed = float(cost['flops']), float(cost['bytes accessed'])
   t = config.training
-  if t.accumulate_with == 'scan':  # XLA's cost analysis counts a loop body once.
-    flops, bytes_accessed = flops * t.accumulation_steps, bytes_accessed * t.accumulation_steps
   kernels = _count_kernels(compiled.as_text())
+  # XLA's cost analysis counts a loop body once; under 'loop' the compiled 'train' program is
+  # one micro-batch's gradient (the optimizer's own program is left out: it is small).
+  if t.accumulate_with in ('scan', 'loop'):
+    flops, bytes_accessed = flops * t.accumulation_steps, bytes_accessed * t.accumulation_steps
+  if t.accumulate_with == 'loop':
+    kernels *= t.accumulation_steps
   samples = t.batch_size * t.accumulation_steps
   times = np.asarray(times)
   row = {
@@ -124,7 +128,8 @@ def measure(size, conv, accumulate, dtype, updates):
       'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
       'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
       'batch': t.batch_size, 'accumulation_steps': t.accumulation_steps,
-      'compile_s': round(trainer.compile_seconds['train'], 2),
+      'compile_s': round(sum(v for k, v in trainer.compile_seconds.items()
+                             if k.startswith('train')), 2),  # 'train_apply' under 'loop'.
       'update_s_median': round(float(np.median(times)), 4),
       'update_s_iqr': [round(float(q), 4) for q in np.percentile(times, [25, 75])],
       'samples_per_s': round(samples / float(np.median(times)), 2),
@@ -164,7 +169,8 @@ def main():
   parser.add_argument('--sizes', default='test,demo,convergence')
   parser.add_argument('--convs', default='fft,matmul', help='S4D convolutions to time.')
   parser.add_argument('--accumulate', default='config',
-                      help="'vmap', 'scan', both, or 'config' (the size's own setting).")
+                      help="Comma-separated of 'vmap', 'scan', 'loop', or 'config' (the size's "
+                      "own setting).")
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--updates', type=int, default=10, help='Timed updates per row.')
   parser.add_argument('--one', default='', help=argparse.SUPPRESS)

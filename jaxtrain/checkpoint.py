@@ -24,6 +24,7 @@ import os
 import shutil
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -45,6 +46,10 @@ STRUCTURAL_KEYS = ('model.', 'data.', 'training.batch_size', 'training.accumulat
 # How the model computes, not what it holds: a run may resume under another value (e.g. on a
 # CPU after a bfloat16 TPU run), and configs saved before these keys existed still resume.
 NUMERICS_KEYS = ('model.dtype', 'model.s4_conv')
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint whose parameters do not fit the model the config builds (another version)."""
 
 
 def _val_total(metrics):
@@ -125,8 +130,12 @@ class Checkpoints:
 
     A checkpoint that fails to restore (truncated or missing file, bad JSON) is reported and
     moved to `workdir/checkpoints_corrupt`, and the one before it is tried.
+
+    Raises:
+      IncompatibleCheckpointError: the parameters saved are not this model's (nothing moved).
     """
     for step in sorted(self.steps, reverse=True):
+      check_saved_params(self.manager, step, abstract_params)
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
@@ -180,6 +189,7 @@ def _restore_best_params(manager, abstract_params):
   ranked = sorted((m[VAL_METRIC], step) for step in manager.all_steps()
                   if (m := manager.metrics(step)) is not None and VAL_METRIC in m)
   for _, step in ranked:
+    check_saved_params(manager, step, abstract_params)
     try:
       out = manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params)))
@@ -188,6 +198,49 @@ def _restore_best_params(manager, abstract_params):
       logging.error('Best-checkpoint candidate %d in %s does not restore (%s: %s); trying the '
                     'next best.', step, manager.directory, type(e).__name__, str(e)[:500])
   return None
+
+
+def leaf_shapes(tree):
+  """{'a/b/c': shape} of a nested mapping of arrays, ShapeDtypeStructs or array metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+          for path, leaf in flat}
+
+
+def check_params_fit(saved, abstract_params, where):
+  """Raises IncompatibleCheckpointError naming the parameters whose presence or shape differs.
+
+  Args:
+    saved: the checkpoint's parameter tree (arrays or orbax array metadata).
+    abstract_params: the model's parameter ShapeDtypeStructs.
+    where: the checkpoint, for the message.
+  """
+  have, want = leaf_shapes(saved), leaf_shapes(abstract_params)
+  problems = [f'{k}: saved {have.get(k)}, model {want.get(k)}'
+              for k in sorted(have.keys() | want.keys()) if have.get(k) != want.get(k)]
+  if problems:
+    shown = '; '.join(problems[:8]) + (f'; ... ({len(problems)} in all)'
+                                       if len(problems) > 8 else '')
+    raise IncompatibleCheckpointError(
+        f'{where}: the saved parameters do not fit the model built from the run\'s config '
+        f'(None: absent): {shown}. The checkpoint was written by an incompatible version of '
+        'the model (e.g. before each task got its own head); nothing was changed on disk. Use '
+        'a new --workdir, or the jaxtrain version that wrote it.')
+
+
+def check_saved_params(manager, step, abstract_params):
+  """`check_params_fit` on the parameter metadata saved in checkpoint `step` (skipped when it
+  is unreadable: the restore then reports the damage)."""
+  where = os.path.join(str(manager.directory), str(step))
+  try:
+    # Read through the item's handler: a manager made with item names only (as ours are, for
+    # the Composite saves) has no handler to give the metadata of an item it has not restored.
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'params')
+  except Exception:  # pylint: disable=broad-except
+    return
+  saved = getattr(saved, 'tree', saved)
+  if saved is not None:
+    check_params_fit(saved, abstract_params, where)
 
 
 def load_best_params(path, abstract_params):

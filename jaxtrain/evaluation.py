@@ -16,6 +16,8 @@ Conventions:
   * Signals are per-trace z-scored, so signal metrics have no unit.
   * A metric that is undefined on a split (e.g. AUC with one class present) is NaN; a task with
     no scorable rows (no wave V, no known threshold) has no metrics at all.
+  * The hearing threshold is also scored per patient (`patient_thresholds`): a threshold is a
+    property of the patient, and a clinician reads it from the patient's whole intensity series.
 """
 
 import os
@@ -175,6 +177,42 @@ def _class_metrics(logits_or_labels, true, n_classes):
   return out
 
 
+def patient_thresholds(patient_id, pred_db, log_scale, true_db, known):
+  """One threshold per patient from all of the patient's recordings in a split.
+
+  The estimate is the precision-weighted mean of the per-recording predictions (weights
+  exp(-2 log_scale), the model's own Gaussian variances): recordings far from the threshold,
+  where the trace says little, count less. Every recording votes, whether or not its label is
+  known. The patient's label is the mean of its known per-recording labels (the original's
+  threshold label varies from recording to recording; the synthetic one does not).
+
+  Args:
+    patient_id: [N] ints; pred_db: [N] predicted threshold (dB); log_scale: [N] predicted
+      log-scale (any units: only ratios within a patient matter); true_db: [N] label (dB, any
+      value where unknown); known: [N] bool, the label exists.
+
+  Returns:
+    (estimate [P], label [P]) in dB for the P patients with at least one known label, in the
+    order of their ids.
+  """
+  patient_id = np.asarray(patient_id)
+  ids, row_patient = np.unique(patient_id, return_inverse=True)
+  log_scale = np.asarray(log_scale, np.float64)
+  # Relative to each patient's most confident recording, so that exp cannot overflow.
+  most_confident = np.full(len(ids), np.inf)
+  np.minimum.at(most_confident, row_patient, log_scale)
+  rel = log_scale - most_confident[row_patient]
+  weight = np.exp(-2.0 * rel)
+  estimate = (np.bincount(row_patient, weight * np.asarray(pred_db, np.float64), len(ids))
+              / np.bincount(row_patient, weight, len(ids)))
+  known = np.asarray(known, bool)
+  n_known = np.bincount(row_patient, known, len(ids))
+  label_sum = np.bincount(row_patient, np.where(known, np.asarray(true_db, np.float64), 0.0),
+                          len(ids))
+  has_label = n_known > 0
+  return estimate[has_label], label_sum[has_label] / n_known[has_label]
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API.
 
@@ -232,6 +270,12 @@ def _task_metrics(p, split, n_classes):
   if known.any():
     out.update(_regression_metrics(p['threshold'][known], p['threshold_true'][known],
                                    'threshold/', 'db', THRESHOLD_BANDS_DB))
+    if 'patient_id' in split:
+      estimate, label = patient_thresholds(split['patient_id'], p['threshold'],
+                                           p['threshold_log_scale'], p['threshold_true'], known)
+      out.update(_regression_metrics(estimate, label, 'threshold/patient_', 'db',
+                                     THRESHOLD_BANDS_DB))
+      out['threshold/patients'] = float(len(label))
   return out
 
 
@@ -244,6 +288,7 @@ def _unit_predictions(preds, split, normalizer):
                               np.asarray(preds['peak_amplitude'])[:, 0]),
           'class': np.asarray(preds['class_logits'], np.float64),
           'threshold': _units(normalizer, 'threshold', np.asarray(preds['threshold'])[:, 0]),
+          'threshold_log_scale': np.asarray(preds['threshold'], np.float64)[:, 1],
           'latency_true': _units(normalizer, 'peak_latency', split['peak_latency']),
           'amplitude_true': _units(normalizer, 'peak_amplitude', split['peak_amplitude']),
           'threshold_true': _units(normalizer, 'threshold', split['threshold'])}
@@ -261,6 +306,7 @@ def _baseline_predictions(model, baselines):
   base['amplitude'] = const(baselines['peak_amplitude_median_uv'])
   base['class'] = np.full(n, baselines['class_majority'], np.int64)
   base['threshold'] = const(baselines['threshold_median_db'])
+  base['threshold_log_scale'] = const(0.0)
   return base
 
 
@@ -295,7 +341,9 @@ def compute_metrics(preds, split, normalizer, baselines):
     for 'peak/amplitude_*_uv' (bands 0.05, 0.1 uV); 'class/accuracy',
     'class/balanced_accuracy', 'class/macro_f1', 'class/recall_<k>', 'class/top_pred_share';
     'threshold/{mae,rmse}_db', 'threshold/r2', 'threshold/within_{5,10}db',
-    'threshold/pred_{mean,std}_db'. Each of these also as '<name>@baseline'. Besides, target spreads
+    'threshold/pred_{mean,std}_db'; when split has 'patient_id', the same per patient
+    ('threshold/patient_mae_db', ..., see `patient_thresholds`) and 'threshold/patients' (their
+    number). Each of these also as '<name>@baseline'. Besides, target spreads
     without baseline: 'signal/true_std', 'peak/latency_true_std_ms',
     'peak/amplitude_true_std_uv', 'threshold/true_std_db'.
   """

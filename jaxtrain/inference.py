@@ -34,7 +34,7 @@ CLASS_NAMES = data.CLASS_NAMES
 BATCH_SIZE = 256  # Recordings per compiled call; the last batch is padded to this size.
 
 
-class IncompatibleRunError(ValueError):
+class IncompatibleRunError(checkpoint.IncompatibleCheckpointError):
   """The workdir lacks a file the model needs, or was written by an incompatible version."""
 
 
@@ -221,8 +221,11 @@ def _restore_params(workdir, step, abstract):
       options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
   try:
     step = _pick_step(manager, step, directory)
-    saved = manager.item_metadata(step)['params']
-    _check_shapes(saved, abstract, f'{directory}/{step}')
+    try:
+      checkpoint.check_params_fit(manager.item_metadata(step)['params'], abstract,
+                                  f'{directory}/{step}')
+    except checkpoint.IncompatibleCheckpointError as e:
+      raise IncompatibleRunError(str(e)) from None
     params = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract))).params
   finally:
@@ -242,24 +245,3 @@ def _pick_step(manager, step, directory):
     raise IncompatibleRunError(f'{directory}: no checkpoint with a validation total (steps '
                                f'{sorted(steps)}); name one with step=.')
   return ranked[0][1]
-
-
-def _leaf_shapes(tree):
-  """{'a/b/c': shape} of a nested mapping of arrays or array metadata."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
-          for path, leaf in flat}
-
-
-def _check_shapes(saved, abstract, where):
-  """Raises IncompatibleRunError naming the parameters whose presence or shape differs."""
-  have, want = _leaf_shapes(saved), _leaf_shapes(abstract)
-  problems = [f'{k}: saved {have.get(k)}, model {want.get(k)}'
-              for k in sorted(have.keys() | want.keys()) if have.get(k) != want.get(k)]
-  if problems:
-    shown = '; '.join(problems[:8]) + (f'; ... ({len(problems)} in all)'
-                                       if len(problems) > 8 else '')
-    raise IncompatibleRunError(
-        f'{where}: the saved parameters do not fit the model built from the run\'s config '
-        f'(None: absent): {shown}. The checkpoint was written by an incompatible version of '
-        'the model.')

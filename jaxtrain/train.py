@@ -153,14 +153,28 @@ def _micro_batch_rngs(state, accumulation_steps):
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(state.rng, steps)
 
 
-def accumulate_gradients(params, batches, rngs, *, model, config, class_weights):
-  """Mean gradient of the k micro-batches of one update, and their loss terms.
+def _train_loss(params, batch, rng, model, config, class_weights):
+  """(total, terms) of one micro-batch in training mode."""
+  total, (terms, _) = losses.loss_fn(params, model, batch, rng, config, class_weights,
+                                     train=True)
+  return total, terms
 
-  `training.accumulate_with` picks how: 'scan' takes one micro-batch at a time (the activation
-  memory of one); 'vmap' differentiates the mean loss of all k at once (k times that memory, k
-  times larger kernels). Measured on the 2-core CPU: at demo sizes 'vmap' is 2.2x faster; at
-  convergence sizes it needed over 16 GB. Both give the mean of the per-micro-batch gradients,
-  as MultiSteps accumulates them.
+
+def micro_gradient(params, batch, rng, *, model, config, class_weights):
+  """Gradient of one micro-batch's loss: (grads like `params`, terms {name: (sum, count)},
+  grads_bad: the gradient is not finite)."""
+  (_, terms), grads = jax.value_and_grad(_train_loss, has_aux=True)(
+      params, batch, rng, model, config, class_weights)
+  return grads, terms, ~_all_finite(grads)
+
+
+def accumulate_gradients(params, batches, rngs, *, model, config, class_weights):
+  """Mean gradient of the k micro-batches of one update, and their loss terms, in one call.
+
+  `training.accumulate_with` picks how ('loop' does not come here: see `Trainer.train_update`):
+  'scan' takes one micro-batch at a time (the activation memory of one); 'vmap' differentiates
+  the mean loss of all k at once (k times that memory, k times larger kernels). Both give the
+  mean of the per-micro-batch gradients, as MultiSteps accumulates them.
 
   Args:
     params: parameters.
@@ -172,32 +186,39 @@ def accumulate_gradients(params, batches, rngs, *, model, config, class_weights)
     micro-batches whose own gradient was not finite; under 'vmap' only the mean gradient is
     known, so a non-finite one marks every micro-batch).
   """
-  def loss(p, batch, rng):
-    total, (terms, _) = losses.loss_fn(p, model, batch, rng, config, class_weights, train=True)
-    return total, terms
-
+  gradient = functools.partial(micro_gradient, model=model, config=config,
+                               class_weights=class_weights)
   mode, k = accumulation_mode(config), rngs.shape[0]
   if mode == 'vmap':
     def mean_loss(p):
-      totals, terms = jax.vmap(loss, in_axes=(None, 0, 0))(p, batches, rngs)
+      totals, terms = jax.vmap(_train_loss, in_axes=(None, 0, 0, None, None, None))(
+          p, batches, rngs, model, config, class_weights)
       return jnp.mean(totals), terms
     (_, terms), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
     return grads, terms, jnp.broadcast_to(~_all_finite(grads), (k,))
   if mode == 'scan':
     def body(grad_sum, inputs):
-      (_, terms), grads = jax.value_and_grad(loss, has_aux=True)(params, *inputs)
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      return grad_sum, (terms, ~_all_finite(grads))
+      grads, terms, bad = gradient(params, *inputs)
+      return jax.tree.map(jnp.add, grad_sum, grads), (terms, bad)
     zeros = jax.tree.map(jnp.zeros_like, params)
     grad_sum, (terms, grads_bad) = jax.lax.scan(body, zeros, (batches, rngs))
     return jax.tree.map(lambda g: g / k, grad_sum), terms, grads_bad
+  raise ValueError(f'accumulate_with={mode!r} runs its micro-batches from the host.')
+
+
+ACCUMULATION_MODES = ('scan', 'vmap', 'loop')
 
 
 def accumulation_mode(config):
-  """`training.accumulate_with`, checked: 'vmap' or 'scan'."""
+  """`training.accumulate_with`, checked: one of ACCUMULATION_MODES, where 'auto' is 'loop' on
+  a CPU (measured at convergence sizes: 24.7 s per update against 139 s for 'scan', whose
+  while-loop XLA:CPU runs slowly) and 'scan' on a GPU or TPU (one dispatch per update)."""
   mode = config.training.accumulate_with
-  if mode not in ('vmap', 'scan'):
-    raise ValueError(f"Unknown training.accumulate_with {mode!r}; expected 'vmap' or 'scan'.")
+  if mode == 'auto':
+    mode = 'loop' if jax.default_backend() == 'cpu' else 'scan'
+  if mode not in ACCUMULATION_MODES:
+    raise ValueError(f'Unknown training.accumulate_with {mode!r}; expected \'auto\' or one of '
+                     f'{ACCUMULATION_MODES}.')
   return mode
 
 
@@ -217,14 +238,29 @@ def train_step(state, window, epoch_acc, batches, *, model, tx, config, class_we
     batches: the update's global micro-batches stacked, e.g. batches['signal'] [k, B, 200].
 
   Returns:
-    (state, window, epoch_acc). An update with a non-finite loss term or gradient in any
-    micro-batch, and every update after it, leaves the state unchanged; the first bad
-    micro-step is recorded in the metrics and the host raises at its next logging point.
+    (state, window, epoch_acc), see `apply_update`.
   """
   k = config.training.accumulation_steps
   grads, terms, grads_bad = accumulate_gradients(
       state.params, batches, _micro_batch_rngs(state, k), model=model, config=config,
       class_weights=class_weights)
+  return apply_update(state, window, epoch_acc, grads, terms, grads_bad, tx=tx, config=config)
+
+
+def apply_update(state, window, epoch_acc, grads, terms, grads_bad, *, tx, config):
+  """The optimizer update from the mean gradient of its k micro-batches, behind the NaN guard.
+
+  Args:
+    state, window, epoch_acc: as in `train_step` (donated).
+    grads: mean gradient like state.params; terms: {name: (sum [k], count [k])};
+    grads_bad: [k] bool, see `accumulate_gradients`.
+
+  Returns:
+    (state, window, epoch_acc). An update with a non-finite loss term or gradient in any
+    micro-batch, and every update after it, leaves the state unchanged; the first bad
+    micro-step is recorded in the metrics and the host raises at its next logging point.
+  """
+  k = config.training.accumulation_steps
   terms_bad = jnp.stack([~(jnp.isfinite(terms[t][0]) & jnp.isfinite(terms[t][1]))
                          for t in TERMS], axis=-1)  # [k, T]
   bad = jnp.concatenate([terms_bad, grads_bad[:, None]], axis=-1)  # [k, T + 1]
@@ -245,6 +281,24 @@ def train_step(state, window, epoch_acc, batches, *, model, tx, config, class_we
   summed = {t: (jnp.sum(s), jnp.sum(c)) for t, (s, c) in terms.items()}
   update_metrics = loss_metrics(summed, state.step + first, bad[first])
   return new_state, window.merge(update_metrics), epoch_acc.merge(update_metrics)
+
+
+def _loop_micro_step(grad_sum, params, rng, step, batches, i, *, model, config, class_weights):
+  """Micro-step `i` of an update under accumulate_with='loop': adds the gradient of
+  batches[i] to `grad_sum` (donated), with the key `train_step` gives it, fold_in(rng, step + i).
+  """
+  batch = jax.tree.map(lambda x: x[i], batches)
+  grads, terms, bad = micro_gradient(params, batch, jax.random.fold_in(rng, step + i),
+                                     model=model, config=config, class_weights=class_weights)
+  return jax.tree.map(jnp.add, grad_sum, grads), terms, bad
+
+
+def _loop_apply(state, window, epoch_acc, grad_sum, terms, grads_bad, *, tx, config):
+  """`apply_update` after the host loop: terms and grads_bad are lists over the k steps."""
+  k = config.training.accumulation_steps
+  terms = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
+  return apply_update(state, window, epoch_acc, jax.tree.map(lambda g: g / k, grad_sum), terms,
+                      jnp.stack(grads_bad), tx=tx, config=config)
 
 
 def eval_step(params, batch, rng, *, model, config, class_weights):
@@ -268,7 +322,7 @@ class Trainer:
         raise ValueError(
             f'training.{name}={size} does not divide evenly over {n_dev} devices in '
             f'{n_proc} process(es); use a multiple of {n_dev}.')
-    accumulation_mode(config)  # Fail before any compile on a mistyped mode.
+    self.mode = accumulation_mode(config)  # Fail before any compile on a mistyped mode.
     self.micro_per_epoch, self.steps_per_epoch = micro_batches_per_epoch(config, dataset)
     self.replicated = jax.NamedSharding(self.mesh, jax.P())
     self.data_sharding = jax.NamedSharding(self.mesh, jax.P('data'))
@@ -283,6 +337,17 @@ class Trainer:
                           class_weights=class_weights),
         in_shardings=(self.replicated, self.replicated, self.replicated, self.update_sharding),
         out_shardings=self.replicated, donate_argnums=(0, 1, 2))
+    if self.mode == 'loop':  # k + 2 dispatches per update instead of one.
+      self._loop_micro = jax.jit(
+          functools.partial(_loop_micro_step, model=self.model, config=config,
+                            class_weights=class_weights),
+          in_shardings=(self.replicated,) * 4 + (self.update_sharding, self.replicated),
+          out_shardings=self.replicated, donate_argnums=0)
+      self._loop_apply = jax.jit(
+          functools.partial(_loop_apply, tx=self.tx, config=config),
+          out_shardings=self.replicated, donate_argnums=(0, 1, 2))
+      self._zeros_like = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree),
+                                 out_shardings=self.replicated)
     self._eval = jax.jit(
         functools.partial(eval_step, model=self.model, config=config,
                           class_weights=class_weights),
@@ -325,9 +390,19 @@ class Trainer:
                                    self.update_sharding)
 
   def train_update(self, state, window, epoch_acc, batches):
-    """One optimizer update (one dispatch) on the stacked micro-batches `batches`."""
-    step = self._compiled('train', self._train, state, window, epoch_acc, batches)
-    return step(state, window, epoch_acc, batches)
+    """One optimizer update on the stacked micro-batches `batches`: one dispatch, or under
+    accumulate_with='loop' one per micro-batch and one for the optimizer."""
+    if self.mode != 'loop':
+      step = self._compiled('train', self._train, state, window, epoch_acc, batches)
+      return step(state, window, epoch_acc, batches)
+    grad_sum, terms, grads_bad = self._zeros_like(state.params), [], []
+    for i in range(self.config.training.accumulation_steps):
+      args = (grad_sum, state.params, state.rng, state.step, batches, np.int32(i))
+      grad_sum, micro_terms, bad = self._compiled('train', self._loop_micro, *args)(*args)
+      terms.append(micro_terms)
+      grads_bad.append(bad)
+    args = (state, window, epoch_acc, grad_sum, terms, grads_bad)
+    return self._compiled('train_apply', self._loop_apply, *args)(*args)
 
   def evaluate(self, params, split_name):
     """Loss means and task metrics of a whole split; also returns the host predictions."""

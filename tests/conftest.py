@@ -1,8 +1,9 @@
-"""Fixtures shared by test files: a trained and saved `:test` run."""
+"""Fixtures shared by test files: a `:test` Trainer, and a trained and saved `:test` run."""
 
 import pytest
 
 from configs import convergence
+from jaxtrain import data
 from jaxtrain import train
 
 
@@ -16,3 +17,10 @@ def saved_test_run(tmp_path_factory):
   config.training.accumulation_steps = 1  # More updates in the tiny epoch; a faster compile.
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+@pytest.fixture(scope='module')
+def trainer():
+  """A 1-device Trainer of the tiny preset (for abstract targets; nothing is compiled)."""
+  config = convergence.get_config('test')
+  return train.Trainer(config, '/nonexistent', data.load_dataset(config))

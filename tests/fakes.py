@@ -41,39 +41,29 @@ def predictions(split, rng, collapsed, x0_reference='signal', x0_noise=0.3):
 
 
 def original_pickle_file(path, n_patients=40, per_patient=3, edit=None):
-  """Writes a file in the original layout with joblib.dump and real scikit-learn objects.
+  """Writes a file in the original layout with joblib.dump and real scikit-learn objects
+  (through the learning benchmark's writer), then `edit(records)` before the dump.
 
   Returns the raw static parameters [N, 4] (units) that were z-scored into the file.
   """
-  joblib = pytest.importorskip('joblib')
-  preprocessing = pytest.importorskip('sklearn.preprocessing')
+  pytest.importorskip('joblib')
+  pytest.importorskip('sklearn.preprocessing')
+  from benchmarks import learning  # Here: it needs scikit-learn, checked just above.
   rng = np.random.default_rng(0)
   n = n_patients * per_patient
   raw_static = np.stack([rng.integers(0, 5, n), 5 * rng.integers(0, 21, n),
                          np.full(n, 33.1), rng.gamma(1., 2., n)], axis=1).astype(np.float64)
-  scaler = preprocessing.StandardScaler().fit(raw_static)
-  names = np.array(['NORMAL', 'NÖROPATİ', 'SNİK', 'TOTAL', 'İTİK'], dtype=object)
-  encoder = preprocessing.LabelEncoder().fit(names[rng.integers(0, 5, 50)].tolist() + list(names))
-  records = []
-  for i in range(n):
-    signal = rng.standard_normal(200)
-    has_v = bool(i % 4)
-    record = {
-        'patient_id': 1000 + i // per_patient,
-        'static_params': scaler.transform(raw_static[i:i + 1])[0],
-        'signal': (signal - signal.mean()) / signal.std(),
-        'v_peak': np.array([7.5 + 0.01 * i, 0.2]) if has_v else np.zeros(2),
-        'v_peak_mask': np.array([has_v, has_v]),
-        'target': np.int64((i // per_patient) % 5),
-    }
-    if i % 5:
-      record['clinical_threshold'] = np.float64(20 + i % 50)
-    records.append(record)
+  i = np.arange(n)
+  has_v = i % 4 != 0
+  v_peak = np.where(has_v[:, None], np.stack([7.5 + 0.01 * i, np.full(n, 0.2)], axis=1), 0.)
+  records, scaler, encoder = learning.original_records(
+      1000 + i // per_patient, raw_static, rng.standard_normal((n, 200)), v_peak, has_v,
+      (i // per_patient) % 5)
+  for k in np.flatnonzero(i % 5):
+    records[k]['clinical_threshold'] = np.float64(20 + k % 50)
   if edit:
     edit(records)
-  obj = {'data': records, 'scaler': scaler, 'label_encoder': encoder,
-         'metadata': {'version': 'ultimate_v1', 'fortran': np.asfortranarray(
-             np.arange(12.).reshape(3, 4)), 'big_endian': np.arange(5, dtype='>f8')},
-         'has_clinical_thresholds': True, 'threshold_method': 'combined'}
-  joblib.dump(obj, path)
+  learning.dump_original(path, records, scaler, encoder, {
+      'version': 'ultimate_v1', 'fortran': np.asfortranarray(np.arange(12.).reshape(3, 4)),
+      'big_endian': np.arange(5, dtype='>f8')})
   return raw_static

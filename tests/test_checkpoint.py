@@ -25,7 +25,6 @@ import pytest
 
 from configs import convergence
 from jaxtrain import checkpoint
-from jaxtrain import data
 from jaxtrain import optim
 from jaxtrain import train
 from jaxtrain import writers
@@ -159,14 +158,6 @@ def runs(tmp_path_factory):
   return dict(base=base, reference=ref, chain=chain, nan=nan, eight=str(base / 'eight'),
               eight_arrays=str(base / 'eight.npz'), reference_out=reference, legs=outputs,
               nan_out=side[0], eight_out=side[1])
-
-
-@pytest.fixture(scope='module')
-def trainer():
-  """A 1-device Trainer of the tiny preset (for abstract targets; nothing is compiled)."""
-  config = convergence.get_config('test')
-  config.training.num_epochs = EPOCHS
-  return train.Trainer(config, '/nonexistent', data.load_dataset(config))
 
 
 def _targets(trainer_):
@@ -336,6 +327,26 @@ def test_best_checkpoint_survives_retention_and_restarts(tmp_path):
   step, best = ckpt.best_params(abstract)
   ckpt.close()
   assert step == 1 and np.array_equal(best['w'], params['w'])
+
+
+def test_checkpoint_of_another_architecture_is_refused_and_kept(tmp_path):
+  """E.g. a run saved before each task got its own head: a clear error, nothing moved aside."""
+  arrays = {'step': np.int32(0)}
+  ckpt = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  ckpt.save(1, {'peak_head': {'w': np.ones(5, np.float32)}}, arrays, {}, 1.0)
+  ckpt.close()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {'exist_head': {'w': jax.ShapeDtypeStruct((1,), np.float32, sharding=device)}}
+  abstract_arrays = {'step': jax.ShapeDtypeStruct((), np.int32, sharding=device)}
+  ckpt = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  message = r'exist_head/w: saved None, model \(1,\); peak_head/w: saved \(5,\), model None'
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=message):
+    ckpt.restore_latest(abstract, abstract_arrays)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match='nothing was changed'):
+    ckpt.best_params(abstract)
+  ckpt.close()
+  assert checkpoint.Checkpoints(str(tmp_path), keep=2).steps == [1]
+  assert not (tmp_path / checkpoint.CORRUPT_DIR).exists()
 
 
 def test_config_differences_are_classified():

@@ -29,7 +29,6 @@ from test_checkpoint import _env
 from test_checkpoint import _latest
 from test_checkpoint import _rows
 from test_checkpoint import ROOT
-from test_checkpoint import trainer  # pylint: disable=unused-import (a fixture)
 
 EPOCHS = 2  # The tiny preset: 3 updates per epoch, 6 in all.
 # The mid-epoch save timer is per process; epoch ends and signals are the saves tested here.
@@ -42,21 +41,36 @@ EXIT_BOUND_S = 30
 INFO_LINE = re.compile(r'^I\d{4} ', re.MULTILINE)  # An absl INFO line.
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+def _free_ports(n):
+  """`n` distinct ports free now on every interface, below Linux's ephemeral range (32768+).
+
+  The coordinator binds its port a second or two after the choice, while the processes of
+  another group open connections: a port from the ephemeral range could be handed to one of
+  those meanwhile (a collision seen on CI, where both groups then hung).
+  """
+  rng, ports = np.random.default_rng(), []
+  while len(ports) < n:
+    port = int(rng.integers(20000, 32768))
+    with socket.socket(socket.AF_INET6) as s:  # Dual-stack, as the service's [::] bind.
+      try:
+        s.bind(('::', port))
+      except OSError:
+        continue
+    if port not in ports:
+      ports.append(port)
+  return ports
 
 
-def _group(workdir, cache, processes, **faults_of_last):
+def _group(workdir, cache, processes, port=None, **faults_of_last):
   """Runs main.py in `processes` processes of one run; the last one gets `faults_of_last`.
+
+  A run of several processes meets at 127.0.0.1:`port`.
 
   Returns:
     [(exit code, output, seconds from start to exit)] per process; exit code None for a
     process killed at the timeout.
   """
   cmd = [sys.executable, '-c', _DRIVER, *FLAGS, f'--workdir={workdir}']
-  port = _free_port()
   logs, procs = [], []
   for i in range(processes):
     flags = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
@@ -89,12 +103,13 @@ def runs(tmp_path_factory):
   cache = (os.environ.get('JAX_COMPILATION_CACHE_DIR')
            or str(tmp_path_factory.getbasetemp() / 'jax_cache'))
   single, stopped, killed = (str(base / name) for name in ('single', 'stopped', 'killed'))
+  ports = _free_ports(3)  # Distinct: two groups run at a time.
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     reference = pool.submit(_group, single, cache, 1)
-    legs = [_group(stopped, cache, 2, signal_at='2:SIGTERM')]
+    legs = [_group(stopped, cache, 2, ports[0], signal_at='2:SIGTERM')]
     reference = reference.result()
-    kill = pool.submit(_group, killed, cache, 2, signal_at='2:SIGKILL')
-    legs.append(_group(stopped, cache, 2))
+    kill = pool.submit(_group, killed, cache, 2, ports[1], signal_at='2:SIGKILL')
+    legs.append(_group(stopped, cache, 2, ports[2]))
     kill = kill.result()
   return dict(single=single, stopped=stopped, single_out=reference[0], legs=legs,
               killed_out=kill)

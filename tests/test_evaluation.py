@@ -102,15 +102,13 @@ def test_compute_baselines_in_units():
   assert b['threshold_median_db'] == pytest.approx(27.5)
 
 
-def test_compute_metrics_by_hand():
-  split, train = _small_split()
-  norm = fakes.AffineNormalizer()
-  baselines = evaluation.compute_baselines(train, norm)
+def _small_preds(split):
+  """Hand-chosen predictions for `_small_split`'s six rows (errors given in the test)."""
   lat_pred = np.array([6.4, 7.0, 9.2, 5.0, 9.6, 7.0])  # errors 0.4, 0, 1.2, -, 0.6 on present
   thr_pred = np.array([14.0, 20.0, 41.0, 0.0, 57.0, 0.0])  # errors 4, 0, 11, -, 3 on known
   logits = np.full((6, 5), -1.0)
   logits[np.arange(6), [0, 0, 1, 1, 2, 2]] = 1.0
-  preds = {
+  return {
       'x0_pred': split['signal'] * 0.5,
       't': np.zeros(6, np.int32),
       # Logit > 0 is present; 0.3 counts as present (the original's "> 0.5" would not).
@@ -120,6 +118,13 @@ def test_compute_metrics_by_hand():
       'class_logits': logits,
       'threshold': np.stack([standardise('threshold', thr_pred), np.zeros(6)], 1),
   }
+
+
+def test_compute_metrics_by_hand():
+  split, train = _small_split()
+  norm = fakes.AffineNormalizer()
+  baselines = evaluation.compute_baselines(train, norm)
+  preds = _small_preds(split)
   m = evaluation.compute_metrics(preds, split, norm, baselines)
   assert m['signal/mse'] == pytest.approx(0.25) and m['signal/mse@baseline'] == pytest.approx(1.0)
   assert m['signal/pearson_r'] == pytest.approx(1.0)
@@ -163,7 +168,34 @@ def test_compute_metrics_by_hand():
   assert m['threshold/true_std_db'] == pytest.approx(np.std([10.0, 20.0, 30.0, 60.0]))
   assert m['threshold/mae_db@baseline'] == pytest.approx(np.mean([17.5, 7.5, 2.5, 32.5]))
   assert m['threshold/r2@baseline'] <= 0.0
+  assert 'threshold/patient_mae_db' not in m  # No patient_id in the split.
   assert all(isinstance(v, float) for v in m.values())
+
+
+def test_patient_threshold_weights_confident_recordings_and_averages_known_labels():
+  # Patient 5: predictions 40 (sd e^0) and 70 (sd e^1: weight e^-2); labels 30 and 50.
+  # Patient 2: one recording, label unknown: no score. Patient 9: a recording 120 dB off with a
+  # huge log-scale (weight e^-100 relative) must not move its estimate.
+  estimate, label = evaluation.patient_thresholds(
+      patient_id=[5, 2, 9, 5, 9], pred_db=[40.0, 0.0, 20.0, 70.0, 140.0],
+      log_scale=[0.0, 0.0, -3.0, 1.0, 47.0], true_db=[30.0, 99.0, 25.0, 50.0, 0.0],
+      known=[True, False, True, True, False])
+  w = np.exp(-2.0)
+  np.testing.assert_allclose(estimate, [(40 + 70 * w) / (1 + w), 20.0])
+  np.testing.assert_allclose(label, [40.0, 25.0])
+
+
+def test_patient_threshold_metrics_beside_their_baseline():
+  split, train = _small_split()
+  split['patient_id'] = np.array([1, 1, 2, 2, 3, 3])
+  norm = fakes.AffineNormalizer()
+  baselines = evaluation.compute_baselines(train, norm)  # Train median 27.5 dB.
+  m = evaluation.compute_metrics(_small_preds(split), split, norm, baselines)
+  # Patients (labels from known rows 10, 20 | 30 | 60): estimates 17, 20.5, 28.5.
+  assert m['threshold/patients'] == 3.0
+  assert m['threshold/patient_mae_db'] == pytest.approx(np.mean([2.0, 9.5, 31.5]))
+  assert m['threshold/patient_mae_db@baseline'] == pytest.approx(np.mean([12.5, 2.5, 32.5]))
+  assert 'threshold/patient_within_5db' in m
 
 
 def test_clean_signal_metrics_when_clean_present():

@@ -77,8 +77,8 @@ def test_convergence_parameter_budget():
   params = jax.eval_shape(functools.partial(model.init, train=False),
                           jax.random.key(0), x, static, t)['params']
   count = {k: sum(np.prod(p.shape) for p in jax.tree.leaves(v)) for k, v in params.items()}
-  assert {'enc_0', 'enc_3', 'bottleneck', 'dec_0', 'dec_3', 'signal_head', 'peak_head',
-          'class_head', 'threshold_head'} <= set(count)
+  assert {'enc_0', 'enc_3', 'bottleneck', 'dec_0', 'dec_3', 'signal_head', 'exist_head',
+          'latency_head', 'amplitude_head', 'class_head', 'threshold_head'} <= set(count)
   assert 20e6 < sum(count.values()) < 80_298_680  # below the original's count
   # Attention only at the 52-sample level: 3 blocks there, none in the other levels.
   assert any('TransformerBlock' in k for k in params['dec_2'])
@@ -244,3 +244,43 @@ def test_bounded_log_scale_keeps_a_gradient():
   grads = jax.vmap(jax.grad(heads.bounded_log_scale))(raw)
   assert float(jnp.max(jnp.abs(values))) < heads.LOG_SCALE_BOUND
   assert bool(jnp.all(grads > 0)) and float(grads[2]) == 1.0
+
+
+# Each task output -> the pooled head that owns it.
+OWNERS = {'peak_exist': 'exist_head', 'peak_latency': 'latency_head',
+          'peak_amplitude': 'amplitude_head', 'class_logits': 'class_head',
+          'threshold': 'threshold_head'}
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(tree)))
+
+
+def test_each_task_trains_only_its_own_head(tiny):
+  model, params, _ = tiny
+  x, static, t = make_inputs()
+
+  def weighted(p, weights):  # weights [5]: one task's outputs at a time.
+    out = model.apply({'params': p}, x, static, t)
+    return sum(w * jnp.sum(out[k]) for w, k in zip(weights, OWNERS))
+
+  grad = fast_jit(jax.grad(weighted), params, jnp.zeros(5))
+  for i, (task, owner) in enumerate(OWNERS.items()):
+    g = grad(params, jnp.eye(5)[i])
+    norms = {name: float(_global_norm(g[name])) for name in OWNERS.values()}
+    assert norms[owner] > 0, task
+    assert all(v == 0 for name, v in norms.items() if name != owner), (task, norms)
+    assert float(_global_norm(g['dec_0'])) > 0, task  # ... and the shared trunk.
+
+
+def test_pooled_head_reads_the_static_values_and_the_trace_directly():
+  head = heads.PooledHead(n_out=2, hidden=8, dropout=0.0)
+  rng = np.random.default_rng(0)
+  h, x, static = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                  for s in ((3, 20, 6), (3, 20), (3, 4)))
+  params = head.init(jax.random.key(0), h, x, static, False)
+  apply = lambda *a: head.apply(params, *a, False)
+  base = apply(h, x, static)
+  # Same features: only the static values, or only the trace, differ.
+  for changed in (apply(h, x, static.at[:, 1].add(1.0)), apply(h, x.at[:, 7].add(3.0), static)):
+    assert float(jnp.min(jnp.max(jnp.abs(changed - base), axis=1))) > 1e-6

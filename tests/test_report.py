@@ -143,14 +143,14 @@ def test_healthy_run_passes_every_check(tmp_path):
   failed = {k: (c.rule, c.numbers) for k, c in checks.items() if not c.passed}
   assert not failed
   assert not warnings
-  assert len(checks) == 14
+  assert len(checks) == 15
   assert '15 conditions x 8 traces: mean r 0.9' in checks['9'].numbers
 
 
 def test_collapsed_run_fails_the_right_checks(tmp_path):
   checks, warnings = _results(make_run(str(tmp_path / 'collapsed'), collapsed=True))
   failed = {k for k, c in checks.items() if not c.passed}
-  assert failed == {'2', '3', '5', '6', '7a', '7b', '7c', '7d', '7e', '7f', '8', '9'}, failed
+  assert failed == {'2', '3', '5', '6', '7a', '7b', '7c', '7d', '7e', '7f', '7g', '8', '9'}, failed
   assert 'not evaluated: run `python -m jaxtrain.generation_quality' in checks['9'].numbers
   assert 'val threshold' in checks['2'].numbers  # The dominating term is named.
   assert 'val peak_latency 2.943 -> 2.943' in checks['3'].numbers
@@ -167,12 +167,12 @@ def test_report_writes_every_figure_and_the_checklist(tmp_path, capsys):
     figure = os.path.join(workdir, 'report', name)
     assert os.path.getsize(figure) > 10_000, name
   text = open(path).read()
-  assert '## Checklist: 14 of 14 PASS' in text
+  assert '## Checklist: 15 of 15 PASS' in text
   assert '| class/balanced_accuracy |' in text and 'NORMAL' in text
   assert all(f'![{n}]({n})' in text for n in report.FIGURES + generation.FIGURES)
   assert '## Generation quality (synthetic test conditions)' in text
   assert '| 90 | 5 |' in text  # Per-intensity row: 5 conditions at 90 dB.
-  assert '14 of 14 checks PASS' in capsys.readouterr().out
+  assert '15 of 15 checks PASS' in capsys.readouterr().out
 
 
 def test_generation_item_measures_the_samples(tmp_path):

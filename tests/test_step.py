@@ -51,7 +51,9 @@ def _fused_run(trainer, config, updates, dtype='float32', accumulate_with='vmap'
   step = None
   for batches in updates:
     window = fused.empty_metrics()
-    step = step or _compile(fused._train, state, window, fused.empty_metrics(), batches)  # pylint: disable=protected-access
+    if step is None:  # 'loop' runs k + 2 jitted calls from the host: its own compiles.
+      step = (fused.train_update if accumulate_with == 'loop' else
+              _compile(fused._train, state, window, fused.empty_metrics(), batches))  # pylint: disable=protected-access
     state, window, _ = step(state, window, fused.empty_metrics(), batches)
     totals.append(train.summarize(window, fused.weights))
   return state, totals, step
@@ -111,7 +113,7 @@ def fused(setup):
   return get
 
 
-@pytest.mark.parametrize('accumulate_with', ['vmap', 'scan'])
+@pytest.mark.parametrize('accumulate_with', ['vmap', 'scan', 'loop'])
 def test_fused_update_equals_multisteps(setup, reference, fused, accumulate_with):
   config, trainer, updates = setup
   state, totals, _ = fused(accumulate_with=accumulate_with)
@@ -129,12 +131,13 @@ def test_fused_update_equals_multisteps(setup, reference, fused, accumulate_with
   assert all(np.isfinite(t['loss/total']) for t in totals)
 
 
-def test_a_non_finite_micro_batch_skips_its_whole_update(setup, fused):
+@pytest.mark.parametrize('accumulate_with', ['vmap', 'loop'])
+def test_a_non_finite_micro_batch_skips_its_whole_update(setup, fused, accumulate_with):
   config, trainer, updates = setup
   k = config.training.accumulation_steps
   bad = dict(updates[1])
   bad['signal'] = bad['signal'].at[3].set(jnp.nan)  # Micro-batch 3 of an update.
-  state, _, step = fused()
+  state, _, step = fused(accumulate_with=accumulate_with)
   state = jax.tree.map(jnp.copy, state)  # The step donates its input; keep the fixture's.
   window = trainer.empty_metrics()
   before = jax.device_get(state)
@@ -168,3 +171,12 @@ def test_bfloat16_training_tracks_float32(fused):
   assert _relative_difference(bf16.params, f32.params) < 1e-2
   # bfloat16 really was used: the two runs are not the same computation.
   assert _relative_difference(bf16.params, f32.params) > 0
+
+
+def test_auto_accumulation_loops_on_a_cpu_and_a_typo_is_refused():
+  config = convergence.get_config()
+  assert config.training.accumulate_with == 'auto'
+  assert train.accumulation_mode(config) == ('loop' if jax.default_backend() == 'cpu' else 'scan')
+  config.training.accumulate_with = 'skan'
+  with pytest.raises(ValueError, match="Unknown training.accumulate_with 'skan'"):
+    train.accumulation_mode(config)

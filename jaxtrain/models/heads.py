@@ -1,8 +1,15 @@
 """Task heads on the decoder's per-time-step features [B, 200, C].
 
-The signal head works per time step. The other heads pool over time with learned attention
-queries; they see a fixed positional embedding beside the features, so a pooled vector can
-say *where* a peak is (latency), not only what is there.
+The signal head works per time step. Every other task owns one pooled head (existence, latency,
+amplitude, class, threshold): no parameter is shared between two tasks' losses, so a term of
+small weight (amplitude, 0.01) is not drowned in a shared layer by the larger ones (Adam
+normalises each parameter's step by its own gradient's scale, whatever the weight). A pooled
+head attends over time with learned queries; beside the features it sees where each time step
+is (a sinusoidal embedding, and the position itself, linear in time, so that the pooled
+position of a query that attends to one peak is that peak's time: a soft argmax) and the input
+trace (the value at a time step, which the normalised features no longer carry), and its MLP
+sees the standardised static parameters directly (intensity above all decides latency and
+threshold), not only through the FiLM conditioning of the trunk.
 """
 
 import functools
@@ -43,7 +50,7 @@ class SignalHead(nn.Module):
 
 
 class PooledHead(nn.Module):
-  """Attention pooling over time, then an MLP: [B, L, C] -> [B, n_out] float32.
+  """Attention pooling over time, then an MLP on [pooled, static]: -> [B, n_out] float32.
 
   Attributes:
     n_out: outputs.
@@ -57,15 +64,21 @@ class PooledHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h, train):
+  def __call__(self, h, x, static, train):
+    """h [B, L, C] features, x [B, L] input trace, static [B, S] standardised."""
     batch, length, _ = h.shape
-    position = layers.sinusoidal_embedding(jnp.arange(length), POSITION_DIM, max_period=length)
+    steps = jnp.arange(length)
+    position = jnp.concatenate(  # [L, POSITION_DIM + 1]
+        [layers.sinusoidal_embedding(steps, POSITION_DIM, max_period=length),
+         (steps / (length - 1) - 0.5)[:, None]], axis=-1)
     z = jnp.concatenate(
-        [nn.LayerNorm()(h), jnp.broadcast_to(position, (batch,) + position.shape)], axis=-1)
+        [nn.LayerNorm()(h), jnp.broadcast_to(position, (batch,) + position.shape).astype(h.dtype),
+         x[..., None].astype(h.dtype)], axis=-1)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     scores = dense(N_QUERIES)(nn.gelu(dense(self.hidden)(z)))  # [B, L, Q]
     weights = nn.softmax(scores.astype(jnp.float32), axis=1)
     pooled = jnp.einsum('blq,blc->bqc', weights, z).reshape(batch, -1)
-    hidden = nn.gelu(dense(self.hidden)(pooled))
+    hidden = nn.gelu(dense(self.hidden)(jnp.concatenate([pooled, static.astype(pooled.dtype)],
+                                                        axis=-1)))
     hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
     return dense(self.n_out, kernel_init=OUTPUT_INIT)(hidden).astype(jnp.float32)

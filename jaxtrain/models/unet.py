@@ -186,16 +186,20 @@ class HierarchicalUNet(nn.Module):
     features = h[:, :length]  # [B, L, C_0]
 
     hidden = 2 * self.base_channels
-    peak = heads.PooledHead(5, hidden, self.dropout, dtype, name='peak_head')(features, train)
-    threshold = heads.PooledHead(2, hidden, self.dropout, dtype, name='threshold_head')(
-        features, train)
+
+    def pooled(name, n_out):
+      return heads.PooledHead(n_out, hidden, self.dropout, dtype, name=f'{name}_head')(
+          features, x, static, train)
+
+    def gaussian(name):  # (mean, bounded log-scale) [B, 2].
+      out = pooled(name, 2)
+      return jnp.stack([out[:, 0], heads.bounded_log_scale(out[:, 1])], axis=-1)
+
     return {
         'signal': heads.SignalHead(dtype, name='signal_head')(features),
-        'peak_exist': peak[:, 0],
-        'peak_latency': jnp.stack([peak[:, 1], heads.bounded_log_scale(peak[:, 2])], axis=-1),
-        'peak_amplitude': jnp.stack([peak[:, 3], heads.bounded_log_scale(peak[:, 4])], axis=-1),
-        'class_logits': heads.PooledHead(self.n_classes, hidden, self.dropout, dtype,
-                                         name='class_head')(features, train),
-        'threshold': jnp.stack([threshold[:, 0], heads.bounded_log_scale(threshold[:, 1])],
-                               axis=-1),
+        'peak_exist': pooled('exist', 1)[:, 0],
+        'peak_latency': gaussian('latency'),
+        'peak_amplitude': gaussian('amplitude'),
+        'class_logits': pooled('class', self.n_classes),
+        'threshold': gaussian('threshold'),
     }

@@ -25,7 +25,8 @@ TABLE_METRICS = (
     'class/accuracy', 'class/balanced_accuracy', 'class/macro_f1',
     *(f'class/recall_{k}' for k in range(len(evaluation.CLASS_NAMES))),
     'threshold/mae_db', 'threshold/rmse_db', 'threshold/r2', 'threshold/within_5db',
-    'threshold/within_10db',
+    'threshold/within_10db', 'threshold/patients', 'threshold/patient_mae_db',
+    'threshold/patient_rmse_db', 'threshold/patient_within_5db', 'threshold/patient_within_10db',
     'peak/latency_pred_mean_ms', 'peak/amplitude_pred_mean_uv', 'threshold/pred_mean_db',
     'signal/pred_std', 'peak/latency_pred_std_ms', 'peak/amplitude_pred_std_uv',
     'threshold/pred_std_db', 'peak/exist_top_pred_share', 'class/top_pred_share',
@@ -40,7 +41,8 @@ def _better(key):
   name = key.split('/', 1)[1]
   if 'mse' in name or 'mae' in name:
     return 'lower'
-  if 'pred_std' in name or 'pred_mean' in name or 'top_pred_share' in name:
+  if ('pred_std' in name or 'pred_mean' in name or 'top_pred_share' in name
+      or name == 'patients'):
     return None
   return 'higher'
 
