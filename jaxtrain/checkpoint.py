@@ -71,7 +71,7 @@ def _options(keep):
       enable_async_checkpointing=True, cleanup_tmp_directories=True)
 
 
-def _read_only_options():
+def read_only_options():
   """For another run's checkpoints: nothing is created, saved, cleaned up or deleted."""
   return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
 
@@ -255,7 +255,7 @@ def load_best_params(path, abstract_params):
     (step, params).
   """
   directory = _checkpoint_dir(os.path.abspath(path))
-  manager = ocp.CheckpointManager(directory, options=_read_only_options(), item_names=ITEMS)
+  manager = ocp.CheckpointManager(directory, options=read_only_options(), item_names=ITEMS)
   try:
     found = _restore_best_params(manager, abstract_params)
   finally:

@@ -213,17 +213,12 @@ def _restore_params(workdir, step, abstract):
   if not os.path.isdir(directory):
     raise IncompatibleRunError(f'{workdir}: no {checkpoint.CHECKPOINT_DIR}/ directory; the run '
                                'saved no checkpoint yet.')
-  # Handlers for every item, so that the saved parameter shapes can be read before restoring.
-  handlers = {'params': ocp.StandardCheckpointHandler(),
-              'train': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-  manager = ocp.CheckpointManager(
-      directory, item_handlers=handlers,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
+  manager = ocp.CheckpointManager(directory, options=checkpoint.read_only_options(),
+                                  item_names=checkpoint.ITEMS)
   try:
     step = _pick_step(manager, step, directory)
     try:
-      checkpoint.check_params_fit(manager.item_metadata(step)['params'], abstract,
-                                  f'{directory}/{step}')
+      checkpoint.check_saved_params(manager, step, abstract)
     except checkpoint.IncompatibleCheckpointError as e:
       raise IncompatibleRunError(str(e)) from None
     params = manager.restore(step, args=ocp.args.Composite(

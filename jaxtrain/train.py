@@ -147,10 +147,15 @@ def create_train_state(config, model, tx, rng):
                     rng=step_rng)
 
 
+def _micro_batch_rng(rng, step, i):
+  """The key of micro-batch `i` of the update that starts at micro-step `step`."""
+  return jax.random.fold_in(rng, step + i)
+
+
 def _micro_batch_rngs(state, accumulation_steps):
-  """[k] keys of the micro-steps of the next update: fold_in(state.rng, micro-step)."""
-  steps = state.step + jnp.arange(accumulation_steps)
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(state.rng, steps)
+  """[k] keys of the micro-steps of the next update (`_micro_batch_rng` of each)."""
+  return jax.vmap(_micro_batch_rng, in_axes=(None, None, 0))(
+      state.rng, state.step, jnp.arange(accumulation_steps))
 
 
 def _train_loss(params, batch, rng, model, config, class_weights):
@@ -285,10 +290,9 @@ def apply_update(state, window, epoch_acc, grads, terms, grads_bad, *, tx, confi
 
 def _loop_micro_step(grad_sum, params, rng, step, batches, i, *, model, config, class_weights):
   """Micro-step `i` of an update under accumulate_with='loop': adds the gradient of
-  batches[i] to `grad_sum` (donated), with the key `train_step` gives it, fold_in(rng, step + i).
-  """
+  batches[i] to `grad_sum` (donated), with the key `train_step` gives it."""
   batch = jax.tree.map(lambda x: x[i], batches)
-  grads, terms, bad = micro_gradient(params, batch, jax.random.fold_in(rng, step + i),
+  grads, terms, bad = micro_gradient(params, batch, _micro_batch_rng(rng, step, i),
                                      model=model, config=config, class_weights=class_weights)
   return jax.tree.map(jnp.add, grad_sum, grads), terms, bad
 
