@@ -3,6 +3,8 @@
   python -m benchmarks.learning                                   # demo preset, 2038 patients
   python -m benchmarks.learning --preset test --patients 40 --workdir /tmp/learning_try
   python -m benchmarks.learning --dataset original --epochs 40 --seed 7 --workdir runs/lo
+  python -m benchmarks.learning --patients 2038 --epochs 7 --set training.warmup_epochs=1 \
+      --set training.restart_epochs=6 --workdir runs/full   # the README's 45-minute runs
 
 For each dataset (`--dataset native`, `original` or `both`):
   * native: the built-in synthetic set (`config.data.source='synthetic'`, `--patients`
@@ -393,11 +395,26 @@ def markdown(results):
 # ----------------------------------------------------------------------------------------------
 # The run.
 
+def set_key(config, assignment):
+  """Applies 'a.b=value' to `config`: the key must exist; the value takes its type."""
+  key, sep, text = assignment.partition('=')
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    node = node.get(part) if hasattr(node, 'get') else None
+  if not sep or node is None or leaf not in node:
+    raise SystemExit(f'--set {assignment!r}: expected KEY=VALUE with KEY a config key.')
+  kind = type(node[leaf])
+  node[leaf] = text.lower() in ('1', 'true') if kind is bool else kind(text)
+
+
 def run_dataset(name, args):
   """Builds dataset `name`, fits the reference, trains ours; returns the JSON-able entry."""
   config = convergence.get_config(args.preset)
   if args.epochs:
     config.training.num_epochs = args.epochs
+  for assignment in args.set:
+    set_key(config, assignment)
   config.data.synthetic.num_patients = args.patients
   # Each timed run compiles its own steps: a cache shared with the other dataset's run (or an
   # earlier benchmark) would take the compile out of one timing but not the other.
@@ -443,6 +460,8 @@ def parse_args(argv=None):
   parser.add_argument('--preset', choices=('demo', 'test'), default='demo',
                       help="configs/convergence.py preset (model size, epochs).")
   parser.add_argument('--epochs', type=int, default=0, help="0: the preset's.")
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='Config override, e.g. training.warmup_epochs=1 (repeatable).')
   parser.add_argument('--patients', type=int, default=2038, help='Patients per dataset.')
   parser.add_argument('--seed', type=int, default=ORIGINAL_SEED,
                       help="Generator seed of the original-layout dataset.")

@@ -147,3 +147,14 @@ def test_table_gives_ours_minus_gb_and_the_better_side():
   assert '| wave-V latency MAE (ms) | 1.2 | 0.5 | 0.3 | -0.2 | ours |' in md
   assert 'Recordings train / val / test: 30 / 6 / 4; patients 3 / 1 / 1' in md
   assert json.loads(json.dumps(entry))['rows'] == rows
+
+
+def test_set_overrides_a_config_key_in_its_type_and_refuses_a_typo():
+  config = default.get_config()
+  learning.set_key(config, 'training.warmup_epochs=1')
+  learning.set_key(config, 'training.learning_rate=3e-4')
+  assert config.training.warmup_epochs == 1 and isinstance(config.training.warmup_epochs, int)
+  assert config.training.learning_rate == 3e-4
+  for bad in ('training.warmup_epoch=1', 'training.warmup_epochs', 'trainng.seed=1'):
+    with pytest.raises(SystemExit, match='config key'):
+      learning.set_key(config, bad)

@@ -273,6 +273,21 @@ def test_each_task_trains_only_its_own_head(tiny):
     assert float(_global_norm(g['dec_0'])) > 0, task  # ... and the shared trunk.
 
 
+def test_threshold_head_reads_the_class_and_wave_v_answers(tiny):
+  model, params, eval_apply = tiny
+  x, static, t = make_inputs()
+  base = eval_apply(params, x, static, t)
+  # Another class head (its output layer scaled): other class logits, so another threshold,
+  # although the threshold head's own parameters and the trunk are the same.
+  class_out = params['class_head']['Dense_3']
+  changed = dict(params, class_head=dict(params['class_head'], Dense_3=jax.tree.map(
+      lambda v: 50.0 * v, class_out)))
+  out = eval_apply(changed, x, static, t)
+  assert float(jnp.max(jnp.abs(out['class_logits'] - base['class_logits']))) > 1e-3
+  assert float(jnp.min(jnp.abs(out['threshold'][:, 0] - base['threshold'][:, 0]))) > 1e-7
+  np.testing.assert_array_equal(out['peak_latency'], base['peak_latency'])
+
+
 def test_pooled_head_reads_the_static_values_and_the_trace_directly():
   head = heads.PooledHead(n_out=2, hidden=8, dropout=0.0)
   rng = np.random.default_rng(0)

@@ -9,7 +9,10 @@ is (a sinusoidal embedding, and the position itself, linear in time, so that the
 position of a query that attends to one peak is that peak's time: a soft argmax) and the input
 trace (the value at a time step, which the normalised features no longer carry), and its MLP
 sees the standardised static parameters directly (intensity above all decides latency and
-threshold), not only through the FiLM conditioning of the trunk.
+threshold), not only through the FiLM conditioning of the trunk. A head may also read other
+heads' answers (`evidence`): the threshold head reads the class probabilities and the wave-V
+existence, latency and amplitude, as a clinician reads the threshold from them; those inputs
+carry no gradient back, so each task still trains only its own head.
 """
 
 import functools
@@ -64,8 +67,9 @@ class PooledHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h, x, static, train):
-    """h [B, L, C] features, x [B, L] input trace, static [B, S] standardised."""
+  def __call__(self, h, x, static, train, evidence=None):
+    """h [B, L, C] features, x [B, L] input trace, static [B, S] standardised, evidence
+    optional [B, E] other heads' outputs (gradients stopped here)."""
     batch, length, _ = h.shape
     steps = jnp.arange(length)
     position = jnp.concatenate(  # [L, POSITION_DIM + 1]
@@ -78,7 +82,8 @@ class PooledHead(nn.Module):
     scores = dense(N_QUERIES)(nn.gelu(dense(self.hidden)(z)))  # [B, L, Q]
     weights = nn.softmax(scores.astype(jnp.float32), axis=1)
     pooled = jnp.einsum('blq,blc->bqc', weights, z).reshape(batch, -1)
-    hidden = nn.gelu(dense(self.hidden)(jnp.concatenate([pooled, static.astype(pooled.dtype)],
-                                                        axis=-1)))
+    side = [static] if evidence is None else [static, jax.lax.stop_gradient(evidence)]
+    hidden = nn.gelu(dense(self.hidden)(
+        jnp.concatenate([pooled] + [v.astype(pooled.dtype) for v in side], axis=-1)))
     hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
     return dense(self.n_out, kernel_init=OUTPUT_INIT)(hidden).astype(jnp.float32)

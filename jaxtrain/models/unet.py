@@ -8,7 +8,8 @@
   decoder level i (deepest first): sub-pixel up, concat skip_i, ResBlock, n_s4_layers x S4Block;
       at the shortest level at least `attention_min_length` long (52 for 4 levels, 50 for 3,
       100 for 2), also n_transformer_layers x (self-attention, cross-attention to skip_i, FFN)
-  crop back to [B, 200, C_0] -> heads, all from these per-time-step features.
+  crop back to [B, 200, C_0] -> heads, all from these per-time-step features (the threshold
+      head also reads the class and wave-V heads' answers, without gradient to them).
 
 Every ResBlock is FiLM-conditioned on cond = time embedding(t) + static embedding, so the
 timestep and the four static parameters reach every level. In training, the static embedding
@@ -187,19 +188,25 @@ class HierarchicalUNet(nn.Module):
 
     hidden = 2 * self.base_channels
 
-    def pooled(name, n_out):
+    def pooled(name, n_out, evidence=None):
       return heads.PooledHead(n_out, hidden, self.dropout, dtype, name=f'{name}_head')(
-          features, x, static, train)
+          features, x, static, train, evidence)
 
-    def gaussian(name):  # (mean, bounded log-scale) [B, 2].
-      out = pooled(name, 2)
+    def gaussian(name, evidence=None):  # (mean, bounded log-scale) [B, 2].
+      out = pooled(name, 2, evidence)
       return jnp.stack([out[:, 0], heads.bounded_log_scale(out[:, 1])], axis=-1)
 
+    exist, class_logits = pooled('exist', 1)[:, 0], pooled('class', self.n_classes)
+    latency, amplitude = gaussian('latency'), gaussian('amplitude')
+    # The hearing threshold follows from the class and from where wave V is found (present or
+    # not at this intensity, how late): its head reads those answers as well as the trace.
+    evidence = jnp.concatenate([nn.softmax(class_logits), nn.sigmoid(exist)[:, None], latency,
+                                amplitude], axis=-1)
     return {
         'signal': heads.SignalHead(dtype, name='signal_head')(features),
-        'peak_exist': pooled('exist', 1)[:, 0],
-        'peak_latency': gaussian('latency'),
-        'peak_amplitude': gaussian('amplitude'),
-        'class_logits': pooled('class', self.n_classes),
-        'threshold': gaussian('threshold'),
+        'peak_exist': exist,
+        'peak_latency': latency,
+        'peak_amplitude': amplitude,
+        'class_logits': class_logits,
+        'threshold': gaussian('threshold', evidence),
     }
