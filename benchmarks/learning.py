@@ -405,7 +405,15 @@ def set_key(config, assignment):
   if not sep or node is None or leaf not in node:
     raise SystemExit(f'--set {assignment!r}: expected KEY=VALUE with KEY a config key.')
   kind = type(node[leaf])
-  node[leaf] = text.lower() in ('1', 'true') if kind is bool else kind(text)
+  if kind is bool:
+    if text.lower() not in ('true', 'false'):
+      raise SystemExit(f'--set {assignment!r}: {key} is a bool: true or false.')
+    node[leaf] = text.lower() == 'true'
+  else:
+    try:
+      node[leaf] = kind(text)
+    except ValueError:
+      raise SystemExit(f'--set {assignment!r}: {key} is a {kind.__name__}.') from None
 
 
 def run_dataset(name, args):
@@ -413,9 +421,9 @@ def run_dataset(name, args):
   config = convergence.get_config(args.preset)
   if args.epochs:
     config.training.num_epochs = args.epochs
-  for assignment in args.set:
-    set_key(config, assignment)
   config.data.synthetic.num_patients = args.patients
+  for assignment in args.set:  # After --epochs and --patients: an explicit --set wins.
+    set_key(config, assignment)
   # Each timed run compiles its own steps: a cache shared with the other dataset's run (or an
   # earlier benchmark) would take the compile out of one timing but not the other.
   config.compilation_cache_dir = ''

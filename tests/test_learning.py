@@ -158,3 +158,9 @@ def test_set_overrides_a_config_key_in_its_type_and_refuses_a_typo():
   for bad in ('training.warmup_epoch=1', 'training.warmup_epochs', 'trainng.seed=1'):
     with pytest.raises(SystemExit, match='config key'):
       learning.set_key(config, bad)
+  for bad, message in (('training.warmup_epochs=1.5', 'is a int'),
+                       ('require_accelerator=flase', 'is a bool')):
+    with pytest.raises(SystemExit, match=message):
+      learning.set_key(config, bad)
+  learning.set_key(config, 'require_accelerator=True')
+  assert config.require_accelerator is True
