@@ -208,6 +208,23 @@ def test_generate_cli_writes_traces_with_conditions_and_readings(saved_test_run,
                    f'--output={tmp_path / "d.npz"}'])
 
 
+def test_condition_clean_averages_the_nearest_train_recordings_at_the_intensity(monkeypatch):
+  monkeypatch.setattr(generation_quality, 'CONDITION_NEIGHBOURS', 2)
+  t = np.arange(200)
+  bumps = np.exp(-0.5 * ((t - 20.0 * np.arange(1, 7)[:, None]) / 3.0) ** 2)  # [6, 200]
+  # Ages 0, 1, 2, 10, 20 at 60 dB, and age 1.1 at 40 dB; rate and FMP equal.
+  static = np.array([[a, level, 21.1, 1.0] for a, level in
+                     ((0, 60), (1, 60), (2, 60), (10, 60), (20, 60), (1.1, 40))])
+  train = {'static': static, 'clean': bumps, 'signal': 3.0 * bumps + 1.0}
+  got = generation_quality.condition_clean(train, np.array([[1.4, 60.0, 21.1, 1.0]]))
+  # Each clean trace in the unit of its recorded trace (z-scored with the recording's mean, sd).
+  signal = train['signal']
+  z = (bumps - signal.mean(1, keepdims=True)) / signal.std(1, keepdims=True)
+  np.testing.assert_allclose(got[0], (z[1] + z[2]) / 2, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='No train recording at 80 dB'):
+    generation_quality.condition_clean(train, np.array([[1.0, 80.0, 21.1, 1.0]]))
+
+
 def test_generation_quality_lands_in_the_report(saved_test_run, tmp_path):
   _, workdir = saved_test_run
   copy = _copy_run(workdir, tmp_path)
@@ -218,6 +235,7 @@ def test_generation_quality_lands_in_the_report(saved_test_run, tmp_path):
   assert c > 0 and samples['generated'].shape == (c, 2, 200)
   assert (samples['latency_ms'] > 0).all()  # Conditions are recordings with a wave V.
   assert (np.std(samples['clean'], axis=1) > 0).all()
+  assert samples['condition_clean'].shape == (c, 200)
   text = open(report.write_report(copy)).read()
   assert '| 9. generated traces match the clean ones (synthetic data) |' in text
   assert f'{c} conditions x 2 traces: mean r' in text
