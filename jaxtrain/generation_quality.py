@@ -38,12 +38,13 @@ INTENSITIES_DB = tuple(range(20, 101, 10))
 CONDITION_NEIGHBOURS = 64
 
 
-def synthetic_split(config, name):
-  """The run's split `name` as records in units, with the clean traces (synthetic runs only)."""
+def synthetic_splits(config):
+  """The run's train and test splits, {name: records in units} with the clean traces
+  (synthetic runs only)."""
   if config.data.source != 'synthetic':
     raise ValueError(f'Generation quality needs the clean traces of synthetic data; this run '
                      f"trained on data.source='{config.data.source}'.")
-  return data.split_records(config.data, name)
+  return data.split_records(config.data, ['train', 'test'])
 
 
 def select_conditions(records, per_cell, seed):
@@ -103,13 +104,13 @@ def evaluate(workdir, *, checkpoint=None, num=32, per_cell=2, settings=None):
   """Draws and saves `workdir/generation/samples.npz`; returns its path."""
   settings = settings or generate.SamplerSettings()
   trained = inference.load(workdir, checkpoint)
-  records = synthetic_split(trained.config, 'test')
+  splits = synthetic_splits(trained.config)
+  records = splits['test']
   rows = select_conditions(records, per_cell, settings.seed)
   if not len(rows):
     raise ValueError(f'{workdir}: the test split has no recording with a wave V at '
                      f'{INTENSITIES_DB} dB.')
-  samples = draw_samples(trained, records, rows, num, settings,
-                         synthetic_split(trained.config, 'train'))
+  samples = draw_samples(trained, records, rows, num, settings, splits['train'])
   samples.update(checkpoint=trained.step, num=num, **settings.to_saved())
   path = os.path.join(workdir, report_run.GENERATION_SAMPLES)
   report_generation.save_samples(path, samples)

@@ -41,7 +41,7 @@ def _write_plain_csv(path, static, signal, header=True, extra_rows=()):
 
 def test_predict_cli_reproduces_the_runs_test_predictions(saved_test_run, tmp_path):
   config, workdir = saved_test_run
-  test = data.split_records(config.data, 'test')
+  test = data.split_records(config.data, ['test'])['test']
   saved = np.load(os.path.join(workdir, 'predictions', 'test.npz'))
   np.testing.assert_array_equal(test['patient_id'], saved['patient_id'])  # Same rows, order.
   npz.write(str(tmp_path / 'test.npz'), test, {})

@@ -117,14 +117,14 @@ def _flat_traces(records, index, data_config):
   return records, found
 
 
-def split_records(data_config, split):
-  """The records (in units, as loaded) of one split ('train', 'val' or 'test') of a config's
-  data, in the order the split's rows have in `load_dataset`."""
+def split_records(data_config, names):
+  """{name: records} of the splits `names` (of 'train', 'val', 'test') of a config's data, in
+  units as loaded, each in the order its rows have in `load_dataset`; the data is loaded once."""
   records, _ = load_records(data_config)
   ratios = (data_config.train_ratio, data_config.val_ratio, data_config.test_ratio)
   rows = splits.split_patients(records['patient_id'], records['label'], ratios,
-                               data_config.split_seed, NUM_CLASSES)[split]
-  return {k: v[rows] for k, v in records.items()}
+                               data_config.split_seed, NUM_CLASSES)
+  return {name: {k: v[rows[name]] for k, v in records.items()} for name in names}
 
 
 def _path(data_config):
