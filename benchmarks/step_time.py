@@ -4,7 +4,8 @@
   python -m benchmarks.step_time --sizes=demo --convs=fft,matmul --updates=20
 
 Prints one JSON line per (size, S4 convolution, accumulation, dtype), each measured in a fresh
-process so that compile times and peak memory are its own: parameters; compile seconds with an
+process so that compile times and peak memory are its own: parameters; the seconds to
+initialise them (a jitted program, compiled and run once per run); compile seconds with an
 empty persistent compilation cache ("compile_s") and again in a second process that finds the
 cache filled ("compile_cached_s", what a resumed run pays); the median and interquartile range
 of the whole-update wall time and the recordings per second; peak resident memory; XLA's cost
@@ -90,6 +91,8 @@ def measure(size, conv, accumulate, dtype, updates):
   from jaxtrain import data  # pylint: disable=g-import-not-at-top
   from jaxtrain import train  # pylint: disable=g-import-not-at-top
 
+  if size == 'convergence' and jax.default_backend() == 'cpu':
+    updates = min(updates, 3)  # About 22 s each on the 2-core CPU.
   config = convergence.get_config('' if size == 'convergence' else size)
   config.model.s4_conv, config.model.dtype = conv, dtype
   if accumulate != 'config':
@@ -97,7 +100,9 @@ def measure(size, conv, accumulate, dtype, updates):
   full_updates_per_epoch = _updates_per_epoch(config)
   config.data.synthetic.num_patients = 24  # The batch content does not change the cost.
   trainer = train.Trainer(config, tempfile.mkdtemp(), data.load_dataset(config))
-  state = trainer.init_state()
+  start = time.perf_counter()
+  state = jax.block_until_ready(trainer.init_state())
+  init_s = time.perf_counter() - start
   window, epoch_acc = trainer.empty_metrics(), trainer.empty_metrics()
   batches = next(iter(trainer.train_batches(epoch=1, start=0)))
   state, window, epoch_acc = trainer.train_update(state, window, epoch_acc, batches)
@@ -128,12 +133,14 @@ def measure(size, conv, accumulate, dtype, updates):
       'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
       'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
       'batch': t.batch_size, 'accumulation_steps': t.accumulation_steps,
+      'init_s': round(init_s, 2),  # The initialisation program: compile and run.
       'compile_s': round(sum(v for k, v in trainer.compile_seconds.items()
                              if k.startswith('train')), 2),  # 'train_apply' under 'loop'.
       'update_s_median': round(float(np.median(times)), 4),
       'update_s_iqr': [round(float(q), 4) for q in np.percentile(times, [25, 75])],
       'samples_per_s': round(samples / float(np.median(times)), 2),
       'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+      'peak_device_gb': _peak_device_gb(jax.devices()[0]),
       'gflop_per_update': round(flops / 1e9, 2), 'gb_per_update': round(bytes_accessed / 1e9, 3),
       'hlo_kernels_per_update': kernels, 'updates_per_epoch': full_updates_per_epoch,
   }
@@ -142,6 +149,12 @@ def measure(size, conv, accumulate, dtype, updates):
     row[f'est_{chip}_update_s'] = round(seconds, 5)
     row[f'est_{chip}_epoch_s'] = round(seconds * full_updates_per_epoch, 1)
   return row
+
+
+def _peak_device_gb(device):
+  """Peak accelerator memory in use so far (GB), or None where the backend keeps no count."""
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  return round(stats['peak_bytes_in_use'] / 2**30, 2) if stats else None
 
 
 def _updates_per_epoch(config):
@@ -184,9 +197,8 @@ def main():
       for accumulate in args.accumulate.split(','):
         for dtype in args.dtypes.split(','):
           spec = f'{size}:{conv}:{accumulate}:{dtype}'
-          updates = args.updates if size != 'convergence' else min(args.updates, 3)
           with tempfile.TemporaryDirectory() as cache:
-            row = _run_one(spec, updates, cache)
+            row = _run_one(spec, args.updates, cache)
             if 'failed' not in row:
               row['compile_cached_s'] = _run_one(spec, 1, cache).get('compile_s')
           print(json.dumps(row), flush=True)
