@@ -14,6 +14,7 @@ The bidirectional layer adds a second, independent kernel applied anti-causally 
 samples), so the denoiser sees the whole trace.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -31,10 +32,10 @@ def s4d_kernel(log_dt, log_a_real, a_imag, c, length):
 
   The powers exp(dt A l) are not evaluated at every lag: with l = inner * j + i, they are
   exp(dt A i) exp(dt A inner j), so only inner + outer ~ 2 sqrt(L) complex exponentials per mode
-  are taken, and the sum over modes becomes one real batched matmul per channel. Evaluating
+  are taken, and the sum over modes becomes real batched matmuls per channel. Evaluating
   all L of them (a complex exp, with its special-case selects, over [H, N, L]) was 31 % of the
   convergence-size update on the 2-core CPU; this form has the same float32 error against a
-  float64 evaluation (tested) and runs 4x faster forward and backward at H 384, N 96, L 200.
+  float64 evaluation (tested) and runs 4.5x faster forward and backward at H 384, N 96, L 200.
 
   Args:
     log_dt: [H] log step size.
@@ -53,10 +54,10 @@ def s4d_kernel(log_dt, log_a_real, a_imag, c, length):
   outer = -(-length // inner)
   near = jnp.exp(dta[..., None] * jnp.arange(inner))  # [H, N, inner]: exp(dt A i)
   far = coeff[..., None] * jnp.exp(dta[..., None] * (inner * jnp.arange(outer)))  # [H, N, outer]
-  # 2 Re(sum_n far near) = 2 sum_n (Re far Re near - Im far Im near), as one real contraction.
-  lhs = jnp.concatenate([far.real, -far.imag], axis=1)  # [H, 2N, outer]
-  rhs = jnp.concatenate([near.real, near.imag], axis=1)  # [H, 2N, inner]
-  kernel = 2.0 * jnp.einsum('hnj,hni->hji', lhs, rhs, precision=jax.lax.Precision.HIGHEST)
+  # 2 Re(sum_n far near) = 2 sum_n (Re far Re near - Im far Im near): two real contractions
+  # (25 % faster than one over the concatenated parts, 2N long).
+  contract = functools.partial(jnp.einsum, 'hnj,hni->hji', precision=jax.lax.Precision.HIGHEST)
+  kernel = 2.0 * (contract(far.real, near.real) - contract(far.imag, near.imag))
   return kernel.reshape(kernel.shape[0], outer * inner)[:, :length]
 
 
