@@ -40,6 +40,8 @@ FIGURES = ('generation_traces.png', 'generation_latency.png')
 MIN_MEAN_R = 0.8  # The target for the mean per-condition correlation.
 ITEM = '9. generated traces match the clean ones (synthetic data)'
 COMMAND = 'python -m jaxtrain.generation_quality --workdir={workdir}'
+OUTDATED = ('generation/samples.npz has no expected clean traces (written by an earlier '
+            'version)')
 N_SHOWN = 4  # Generated traces drawn per panel besides their mean.
 
 
@@ -127,10 +129,6 @@ def check(run):
   passed = s['mean_r'] >= MIN_MEAN_R and s['slope_ms_per_10db'] < 0 and (
       s['true_slope_ms_per_10db'] < 0)
   return [Check(ITEM, rule, numbers, bool(passed))]
-
-
-OUTDATED = ('generation/samples.npz has no expected clean traces (written by an earlier '
-            'version)')
 
 
 def _current(s):
