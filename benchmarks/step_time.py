@@ -1,7 +1,7 @@
 """Times the real train step (one optimizer update: k micro-batches, clip + AdamW once) per size.
 
   python -m benchmarks.step_time                          # test, demo and convergence sizes
-  python -m benchmarks.step_time --sizes=demo --convs=fft,matmul --updates=20
+  python -m benchmarks.step_time --sizes=demo --convs=mixed,fft,matmul --updates=20
 
 Prints one JSON line per (size, S4 convolution, accumulation, dtype), each measured in a fresh
 process so that compile times and peak memory are its own: parameters; the seconds to
@@ -47,6 +47,13 @@ def estimate(flops, bytes_accessed, kernels, chip):
 
 
 _NOT_KERNELS = ('parameter(', 'constant(', 'get-tuple-element(', 'tuple(', 'bitcast(')
+
+
+def _cost(compiled):
+  """(FLOPs, bytes accessed, kernels) of a compiled program, by XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']), float(cost['bytes accessed']), _count_kernels(compiled.as_text())
 
 
 def _count_kernels(hlo_text):
@@ -113,18 +120,20 @@ def measure(size, conv, accumulate, dtype, updates):
     state, window, epoch_acc = trainer.train_update(state, window, epoch_acc, batches)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
-  compiled = trainer._train_compiled  # pylint: disable=protected-access
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops, bytes_accessed = float(cost['flops']), float(cost['bytes accessed'])
   t = config.training
-  kernels = _count_kernels(compiled.as_text())
-  # XLA's cost analysis counts a loop body once; under 'loop' the compiled 'train' program is
-  # one micro-batch's gradient (the optimizer's own program is left out: it is small).
-  if t.accumulate_with in ('scan', 'loop'):
-    flops, bytes_accessed = flops * t.accumulation_steps, bytes_accessed * t.accumulation_steps
+  # pylint: disable=protected-access
   if t.accumulate_with == 'loop':
-    kernels *= t.accumulation_steps
+    # The micro-batch's program runs k times; the S4D kernels', their pullback's and the
+    # optimizer's once.
+    names = {'train_micro': t.accumulation_steps, 'train_kernels': 1,
+             'train_mean_gradient': 1, 'train_apply': 1}
+  else:
+    # XLA's cost analysis counts a loop body once: 'scan' is counted k times (its optimizer
+    # and kernels too, a small overcount); 'vmap' is one program.
+    names = {'train': t.accumulation_steps if t.accumulate_with == 'scan' else 1}
+  costs = [[n * c for c in _cost(getattr(trainer, f'_{name}_compiled'))]
+           for name, n in names.items()]
+  flops, bytes_accessed, kernels = (sum(column) for column in zip(*costs))
   samples = t.batch_size * t.accumulation_steps
   times = np.asarray(times)
   row = {
@@ -180,7 +189,7 @@ def _run_one(spec, updates, cache_dir):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sizes', default='test,demo,convergence')
-  parser.add_argument('--convs', default='fft,matmul', help='S4D convolutions to time.')
+  parser.add_argument('--convs', default='mixed,fft,matmul', help='S4D convolutions to time.')
   parser.add_argument('--accumulate', default='config',
                       help="Comma-separated of 'vmap', 'scan', 'loop', or 'config' (the size's "
                       "own setting).")

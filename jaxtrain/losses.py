@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtrain import diffusion
+from jaxtrain.models import s4
 
 TERMS = ('signal', 'peak_exist', 'peak_latency', 'peak_amplitude', 'class', 'threshold')
 # config.loss.weights key of each term (the rest are named as the term).
@@ -73,7 +74,7 @@ def total_loss(terms, config):
              for k, (s, c) in terms.items())
 
 
-def loss_fn(params, model, batch, rng, config, class_weights, train):
+def loss_fn(params, model, batch, rng, config, class_weights, train, kernels=None):
   """The multi-task loss of one batch.
 
   Args:
@@ -84,6 +85,8 @@ def loss_fn(params, model, batch, rng, config, class_weights, train):
     config: the run's ConfigDict (reads diffusion.*, loss.*, model.n_classes).
     class_weights: [n_classes] 'balanced' weights of the train split (ignored for 'none').
     train: dropout and condition dropout on.
+    kernels: optional S4D kernels of `params` (`model.s4_kernels`), used instead of computing
+      them; the loss is then differentiable in them.
 
   Returns:
     (total, (terms, preds)): terms {name: (sum, count)} for TERMS; preds: heads on the clean
@@ -100,8 +103,9 @@ def loss_fn(params, model, batch, rng, config, class_weights, train):
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   x_t = diffusion.q_sample(alphas_cumprod, x0, t, noise)
   rngs = {'dropout': dropout_rng, 'condition': condition_rng} if train else None
+  variables = {'params': params} if kernels is None else {'params': params, s4.KERNELS: kernels}
   out = model.apply(
-      {'params': params}, jnp.concatenate([x_t, x0]),
+      variables, jnp.concatenate([x_t, x0]),
       jnp.concatenate([batch['static'], batch['static']]),
       jnp.concatenate([t, jnp.zeros_like(t)]), train=train, rngs=rngs)
   denoised = out['signal'][:batch_size]

@@ -20,6 +20,7 @@ every `checkpoint.checkpoint_every_minutes` at the next update boundary, and on 
 `train_and_evaluate` on a workdir that has them resumes exactly where the last one was taken.
 """
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import functools
@@ -162,19 +163,36 @@ def _micro_batch_rngs(state, accumulation_steps):
       state.rng, state.step, jnp.arange(accumulation_steps))
 
 
-def _train_loss(params, batch, rng, model, config, class_weights):
-  """(total, terms) of one micro-batch in training mode."""
+def _train_loss(params, kernels, batch, rng, model, config, class_weights):
+  """(total, terms) of one micro-batch in training mode, on the given S4D kernels."""
   total, (terms, _) = losses.loss_fn(params, model, batch, rng, config, class_weights,
-                                     train=True)
+                                     train=True, kernels=kernels)
   return total, terms
 
 
-def micro_gradient(params, batch, rng, *, model, config, class_weights):
-  """Gradient of one micro-batch's loss: (grads like `params`, terms {name: (sum, count)},
-  grads_bad: the gradient is not finite)."""
-  (_, terms), grads = jax.value_and_grad(_train_loss, has_aux=True)(
-      params, batch, rng, model, config, class_weights)
+def update_kernels(params, *, model, config):
+  """The S4D kernels of `params`, computed once per update for all its micro-batches.
+
+  They depend on the parameters only; computing them in every micro-batch's forward and backward
+  pass was 14 % of the convergence-size update's op time on the 2-core CPU."""
+  return model.s4_kernels(params, config.model.signal_length)
+
+
+def micro_gradient(params, kernels, batch, rng, *, model, config, class_weights):
+  """Gradient of one micro-batch's loss in the parameters and in the update's S4D kernels:
+  ((grads like `params`, grads like `kernels`), terms {name: (sum, count)}, grads_bad: the
+  gradient is not finite). `kernel_pullback` turns a sum of them into a parameter gradient."""
+  (_, terms), grads = jax.value_and_grad(_train_loss, argnums=(0, 1), has_aux=True)(
+      params, kernels, batch, rng, model, config, class_weights)
   return grads, terms, ~_all_finite(grads)
+
+
+def kernel_pullback(params, grads, *, model, config):
+  """The parameter gradient of a `micro_gradient` pair (or their mean): the parameters' own
+  part plus the kernels' part carried back through `update_kernels`, once per update."""
+  param_grads, kernel_grads = grads
+  _, pullback = jax.vjp(functools.partial(update_kernels, model=model, config=config), params)
+  return jax.tree.map(jnp.add, param_grads, pullback(kernel_grads)[0])
 
 
 def accumulate_gradients(params, batches, rngs, *, model, config, class_weights):
@@ -198,21 +216,25 @@ def accumulate_gradients(params, batches, rngs, *, model, config, class_weights)
   gradient = functools.partial(micro_gradient, model=model, config=config,
                                class_weights=class_weights)
   mode, k = accumulation_mode(config), rngs.shape[0]
+  kernels = update_kernels(params, model=model, config=config)
   if mode == 'vmap':
-    def mean_loss(p):
-      totals, terms = jax.vmap(_train_loss, in_axes=(None, 0, 0, None, None, None))(
-          p, batches, rngs, model, config, class_weights)
+    def mean_loss(p, kernels):
+      totals, terms = jax.vmap(_train_loss, in_axes=(None, None, 0, 0, None, None, None))(
+          p, kernels, batches, rngs, model, config, class_weights)
       return jnp.mean(totals), terms
-    (_, terms), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-    return grads, terms, jnp.broadcast_to(~_all_finite(grads), (k,))
-  if mode == 'scan':
+    (_, terms), grads = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
+        params, kernels)
+    grads_bad = jnp.broadcast_to(~_all_finite(grads), (k,))
+  elif mode == 'scan':
     def body(grad_sum, inputs):
-      grads, terms, bad = gradient(params, *inputs)
+      grads, terms, bad = gradient(params, kernels, *inputs)
       return jax.tree.map(jnp.add, grad_sum, grads), (terms, bad)
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, (params, kernels))
     grad_sum, (terms, grads_bad) = jax.lax.scan(body, zeros, (batches, rngs))
-    return jax.tree.map(lambda g: g / k, grad_sum), terms, grads_bad
-  raise ValueError(f'accumulate_with={mode!r} runs its micro-batches from the host.')
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+  else:
+    raise ValueError(f'accumulate_with={mode!r} runs its micro-batches from the host.')
+  return kernel_pullback(params, grads, model=model, config=config), terms, grads_bad
 
 
 ACCUMULATION_MODES = ('scan', 'vmap', 'loop')
@@ -270,6 +292,9 @@ def apply_update(state, window, epoch_acc, grads, terms, grads_bad, *, tx, confi
     micro-step is recorded in the metrics and the host raises at its next logging point.
   """
   k = config.training.accumulation_steps
+  # A mean gradient that is not finite although every micro-batch's was (it overflowed, or the
+  # kernels' pullback did) is no one micro-batch's fault: it marks them all.
+  grads_bad = jnp.where(grads_bad.any(), grads_bad, ~_all_finite(grads))
   terms_bad = jnp.stack([~(jnp.isfinite(terms[t][0]) & jnp.isfinite(terms[t][1]))
                          for t in TERMS], axis=-1)  # [k, T]
   bad = jnp.concatenate([terms_bad, grads_bad[:, None]], axis=-1)  # [k, T + 1]
@@ -292,21 +317,28 @@ def apply_update(state, window, epoch_acc, grads, terms, grads_bad, *, tx, confi
   return new_state, window.merge(update_metrics), epoch_acc.merge(update_metrics)
 
 
-def _loop_micro_step(grad_sum, params, rng, step, batches, i, *, model, config, class_weights):
-  """Micro-step `i` of an update under accumulate_with='loop': adds the gradient of
+def _loop_micro_step(grad_sum, params, kernels, rng, step, batches, i, *, model, config,
+                     class_weights):
+  """Micro-step `i` of an update under accumulate_with='loop': adds the `micro_gradient` of
   batches[i] to `grad_sum` (donated), with the key `train_step` gives it."""
   batch = jax.tree.map(lambda x: x[i], batches)
-  grads, terms, bad = micro_gradient(params, batch, _micro_batch_rng(rng, step, i),
+  grads, terms, bad = micro_gradient(params, kernels, batch, _micro_batch_rng(rng, step, i),
                                      model=model, config=config, class_weights=class_weights)
   return jax.tree.map(jnp.add, grad_sum, grads), terms, bad
 
 
-def _loop_apply(state, window, epoch_acc, grad_sum, terms, grads_bad, *, tx, config):
-  """`apply_update` after the host loop: terms and grads_bad are lists over the k steps."""
+def _loop_mean_gradient(params, grad_sum, *, model, config):
+  """The update's mean parameter gradient from the host loop's `grad_sum` (donated)."""
   k = config.training.accumulation_steps
+  return kernel_pullback(params, jax.tree.map(lambda g: g / k, grad_sum), model=model,
+                         config=config)
+
+
+def _loop_apply(state, window, epoch_acc, grads, terms, grads_bad, *, tx, config):
+  """`apply_update` after the host loop: terms and grads_bad are lists over the k steps."""
   terms = jax.tree.map(lambda *xs: jnp.stack(xs), *terms)
-  return apply_update(state, window, epoch_acc, jax.tree.map(lambda g: g / k, grad_sum), terms,
-                      jnp.stack(grads_bad), tx=tx, config=config)
+  return apply_update(state, window, epoch_acc, grads, terms, jnp.stack(grads_bad), tx=tx,
+                      config=config)
 
 
 def eval_step(params, batch, rng, *, model, config, class_weights):
@@ -331,6 +363,8 @@ class Trainer:
             f'training.{name}={size} does not divide evenly over {n_dev} devices in '
             f'{n_proc} process(es); use a multiple of {n_dev}.')
     self.mode = accumulation_mode(config)  # Fail before any compile on a mistyped mode.
+    if t.compile_workers < 1:
+      raise ValueError(f'training.compile_workers must be >= 1, got {t.compile_workers}.')
     self.micro_per_epoch, self.steps_per_epoch = micro_batches_per_epoch(config, dataset)
     self.replicated = jax.NamedSharding(self.mesh, jax.P())
     self.data_sharding = jax.NamedSharding(self.mesh, jax.P('data'))
@@ -345,15 +379,23 @@ class Trainer:
                           class_weights=class_weights),
         in_shardings=(self.replicated, self.replicated, self.replicated, self.update_sharding),
         out_shardings=self.replicated, donate_argnums=(0, 1, 2))
-    if self.mode == 'loop':  # k + 2 dispatches per update instead of one.
+    if self.mode == 'loop':  # k + 4 dispatches per update instead of one.
+      self._loop_kernels = jax.jit(
+          functools.partial(update_kernels, model=self.model, config=config),
+          out_shardings=self.replicated)
       self._loop_micro = jax.jit(
           functools.partial(_loop_micro_step, model=self.model, config=config,
                             class_weights=class_weights),
-          in_shardings=(self.replicated,) * 4 + (self.update_sharding, self.replicated),
+          in_shardings=(self.replicated,) * 5 + (self.update_sharding, self.replicated),
           out_shardings=self.replicated, donate_argnums=0)
+      # The kernels' pullback is a program of its own so that it compiles beside the others
+      # (`compile_train`): inside the optimizer's it made that one the longest to compile.
+      self._loop_mean_gradient = jax.jit(
+          functools.partial(_loop_mean_gradient, model=self.model, config=config),
+          out_shardings=self.replicated, donate_argnums=1)
       self._loop_apply = jax.jit(
           functools.partial(_loop_apply, tx=self.tx, config=config),
-          out_shardings=self.replicated, donate_argnums=(0, 1, 2))
+          out_shardings=self.replicated, donate_argnums=(0, 1, 2, 3))
       self._zeros_like = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree),
                                  out_shardings=self.replicated)
     self._eval = jax.jit(
@@ -397,20 +439,64 @@ class Trainer:
     return data.prefetch_to_device(data.stack_updates(limited, t.accumulation_steps),
                                    self.update_sharding)
 
+  def _train_programs(self, state, window, epoch_acc, batches):
+    """{name: (jitted function, example arguments)} of the programs one update runs."""
+    if self.mode != 'loop':
+      return {'train': (self._train, (state, window, epoch_acc, batches))}
+
+    def shaped(fn, *args):  # The abstract output of fn(*args), as the step will place it.
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                          sharding=self.replicated),
+                          jax.eval_shape(fn, *args))
+
+    kernels = shaped(self._loop_kernels, state.params)
+    grad_sum = shaped(self._zeros_like, (state.params, kernels))
+    micro = (grad_sum, state.params, kernels, state.rng, state.step, batches, np.int32(0))
+    _, terms, bad = shaped(self._loop_micro, *micro)
+    mean = (state.params, grad_sum)
+    k = self.config.training.accumulation_steps
+    apply = (state, window, epoch_acc, shaped(self._loop_mean_gradient, *mean), [terms] * k,
+             [bad] * k)
+    return {'train_kernels': (self._loop_kernels, (state.params,)),
+            'train_micro': (self._loop_micro, micro),
+            'train_mean_gradient': (self._loop_mean_gradient, mean),
+            'train_apply': (self._loop_apply, apply)}
+
+  def compile_train(self, state, window, epoch_acc, batches):
+    """AOT-compiles the programs of one update once, `training.compile_workers` at a time in
+    threads (XLA releases the interpreter while it compiles); `compile_seconds['train']` is
+    the wall time."""
+    if 'train' in self.compile_seconds:
+      return
+    start = time.perf_counter()
+    lowered = {name: fn.lower(*args) for name, (fn, args)
+               in self._train_programs(state, window, epoch_acc, batches).items()}
+    workers = min(self.config.training.compile_workers, len(lowered))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for name, compiled in zip(lowered, pool.map(lambda lower: lower.compile(),
+                                                  lowered.values())):
+        setattr(self, f'_{name}_compiled', compiled)
+    self.compile_seconds['train'] = time.perf_counter() - start
+    _return_freed_host_memory()
+    logging.info('Compiled the train step (%d programs) in %.1f s.', len(lowered),
+                 self.compile_seconds['train'])
+
   def train_update(self, state, window, epoch_acc, batches):
     """One optimizer update on the stacked micro-batches `batches`: one dispatch, or under
-    accumulate_with='loop' one per micro-batch and one for the optimizer."""
+    accumulate_with='loop' one per micro-batch and four around them (the S4D kernels, the
+    zero gradient sum, the kernels' pullback, the optimizer)."""
+    self.compile_train(state, window, epoch_acc, batches)
     if self.mode != 'loop':
-      step = self._compiled('train', self._train, state, window, epoch_acc, batches)
-      return step(state, window, epoch_acc, batches)
-    grad_sum, terms, grads_bad = self._zeros_like(state.params), [], []
+      return self._train_compiled(state, window, epoch_acc, batches)
+    kernels = self._train_kernels_compiled(state.params)
+    grad_sum, terms, grads_bad = self._zeros_like((state.params, kernels)), [], []
     for i in range(self.config.training.accumulation_steps):
-      args = (grad_sum, state.params, state.rng, state.step, batches, np.int32(i))
-      grad_sum, micro_terms, bad = self._compiled('train', self._loop_micro, *args)(*args)
+      grad_sum, micro_terms, bad = self._train_micro_compiled(
+          grad_sum, state.params, kernels, state.rng, state.step, batches, np.int32(i))
       terms.append(micro_terms)
       grads_bad.append(bad)
-    args = (state, window, epoch_acc, grad_sum, terms, grads_bad)
-    return self._compiled('train_apply', self._loop_apply, *args)(*args)
+    grads = self._train_mean_gradient_compiled(state.params, grad_sum)
+    return self._train_apply_compiled(state, window, epoch_acc, grads, terms, grads_bad)
 
   def evaluate(self, params, split_name):
     """Loss means and task metrics of a whole split; also returns the host predictions."""

@@ -221,14 +221,51 @@ def test_s4d_fft_and_matmul_convolutions_agree(bidirectional):
   assert float(jnp.max(jnp.abs(y_fft - y_matmul))) <= 1e-5 * scale
 
 
-def test_model_with_matmul_s4d_gives_the_fft_outputs(tiny):
+def test_precomputed_s4d_kernels_give_the_same_outputs_and_gradient(tiny):
+  """`model.s4_kernels` (what the train step computes once per update) fed back through
+  s4.KERNELS gives the outputs of the model computing its own kernels, at every level's length
+  (a kernel of the wrong length would be silently truncated or zero-padded by the FFT); the
+  kernels' gradient pulled back to the parameters gives the direct gradient."""
   model, params, eval_apply = tiny
   x, static, t = make_inputs()
-  matmul = model.clone(s4_conv='matmul')
-  out = fast_jit(lambda p, *a: matmul.apply({'params': p}, *a), params, x, static, t)(
-      params, x, static, t)
-  for name, value in eval_apply(params, x, static, t).items():
-    np.testing.assert_allclose(out[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+  kernels = model.s4_kernels(params, x.shape[1])
+  lengths = {leaf.shape[-1] for leaf in jax.tree.leaves(kernels)}
+  assert lengths == {200, 100, 50}  # 2 levels: 200 padded to 200, then 100; bottleneck 50.
+
+  def loss(p, k=None):
+    variables = {'params': p} if k is None else {'params': p, s4.KERNELS: k}
+    out = model.apply(variables, x, static, t)
+    return sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(out))
+
+  direct, direct_grad = jax.value_and_grad(loss)(params)
+  (given, (param_grad, kernel_grad)) = jax.value_and_grad(loss, argnums=(0, 1))(params, kernels)
+  np.testing.assert_allclose(given, direct, rtol=1e-6)
+  # The S4D parameters reach the loss through the given kernels only.
+  assert not np.asarray(param_grad['enc_0']['S4Block_0']['S4D_0']['forward_log_dt']).any()
+  _, pullback = jax.vjp(lambda p: model.s4_kernels(p, x.shape[1]), params)
+  total = jax.tree.map(jnp.add, param_grad, pullback(kernel_grad)[0])
+  for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(direct_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize('conv', ['matmul', 'mixed'])
+def test_model_with_matmul_or_mixed_s4d_gives_the_fft_outputs(tiny, conv):
+  """'mixed' convolves the 50-step bottleneck by matmul and the 100- and 200-step levels by
+  FFT: the outputs are the all-FFT model's."""
+  model, params, _ = tiny
+  x, static, t = make_inputs()
+  outputs = {}
+  for name in ('fft', conv):
+    other = model.clone(s4_conv=name)
+    outputs[name] = fast_jit(lambda p, *a, m=other: m.apply({'params': p}, *a), params, x,
+                             static, t)(params, x, static, t)
+  for name, value in outputs['fft'].items():
+    np.testing.assert_allclose(outputs[conv][name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+  # And it did convolve some layers (and only some, for 'mixed') without the FFT.
+  ffts = {name: str(jax.make_jaxpr(lambda p, m=model.clone(s4_conv=name): m.apply(
+      {'params': p}, x, static, t))(params)).count(' fft[') for name in ('fft', conv)}
+  assert ffts[conv] < ffts['fft']
+  assert (ffts[conv] > 0) == (conv == 'mixed')
 
 
 def test_bfloat16_model_keeps_float32_parameters_and_outputs(tiny):

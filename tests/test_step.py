@@ -180,3 +180,11 @@ def test_auto_accumulation_loops_on_a_cpu_and_a_typo_is_refused():
   config.training.accumulate_with = 'skan'
   with pytest.raises(ValueError, match="Unknown training.accumulate_with 'skan'"):
     train.accumulation_mode(config)
+
+
+def test_compile_workers_below_one_is_refused(setup):
+  config, trainer, _ = setup
+  config = config.copy_and_resolve_references()
+  config.training.compile_workers = 0
+  with pytest.raises(ValueError, match='training.compile_workers must be >= 1, got 0'):
+    train.Trainer(config, '/nonexistent', trainer.ds)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtrain.models.unet import HierarchicalUNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-S4_CONVS = ('fft', 'matmul')
+S4_CONVS = ('fft', 'matmul', 'mixed')
 
 
 def _resolve(config, key, choices, auto):
@@ -28,8 +28,8 @@ def compute_dtype(config):
 
 def s4_conv(config):
   """How the S4D layers convolve: `model.s4_conv`, where 'auto' is the Toeplitz matmul on a TPU
-  (its FFT is slow next to its matmuls) and the FFT elsewhere."""
-  return _resolve(config, 's4_conv', S4_CONVS, {'tpu': 'matmul', 'other': 'fft'})
+  (its FFT is slow next to its matmuls) and 'mixed' elsewhere (see s4.S4D)."""
+  return _resolve(config, 's4_conv', S4_CONVS, {'tpu': 'matmul', 'other': 'mixed'})
 
 
 def create_model(config):

@@ -78,7 +78,7 @@ class S4Block(nn.Module):
   Attributes:
     d_state: S4D modes per channel and direction.
     dropout: dropout rate.
-    conv: how S4D applies its kernels, 'fft' or 'matmul' (see s4.S4D).
+    conv: how S4D applies its kernels, 'fft', 'matmul' or 'mixed' (see s4.S4D).
     dtype: compute dtype of the dense layer and of the matmul convolution.
   """
   d_state: int

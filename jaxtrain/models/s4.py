@@ -6,14 +6,21 @@ Each of the H channels is a linear state-space model with N complex diagonal mod
 discretised with zero-order hold at a learned step dt = exp(log_dt) (B = 1 is folded into C).
 Its impulse response is the convolution kernel
   K[h, l] = 2 Re( sum_n C[h,n] (exp(dt A[h,n]) - 1) / A[h,n] * exp(dt A[h,n] l) ),  l = 0..L-1,
-computed from the parameters on every call (in float32, whatever the compute dtype) and applied
+computed from the parameters (in float32, whatever the compute dtype) and applied
 either by FFT convolution in O(L log L) or as one matmul with the kernel's Toeplitz matrix in
 O(L^2). The matmul form suits TPUs, where FFTs and complex arithmetic are slow next to
 matmuls and our lengths are short (L <= 208); FFT suits CPUs and GPUs.
 The bidirectional layer adds a second, independent kernel applied anti-causally (to the future
 samples), so the denoiser sees the whole trace.
+
+The kernels depend on the parameters only, not on the input: a train step that runs several
+micro-batches on the same parameters computes them once (`stacked_kernels`) and hands them to
+every micro-batch in the variable collection KERNELS, which an S4D layer reads instead of
+computing its own.
 """
 
+import collections
+from collections.abc import Mapping
 import functools
 import math
 from typing import Any
@@ -21,10 +28,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # S4D-Lin initialisation: the learned step size starts log-uniform in [DT_MIN, DT_MAX].
 DT_MIN = 1e-3
 DT_MAX = 1e-1
+DIRECTIONS = ('forward', 'backward')  # Causal and (bidirectional layers only) anti-causal.
+KERNELS = 's4_kernels'  # Variable collection of precomputed kernels, {direction: [H, L]}.
+# conv='mixed': layers at most this long convolve by matmul, longer ones by FFT. The FFT's fixed
+# costs (padding to 2L, transposes, three transforms) outweigh an L x L matmul at short lengths:
+# the convergence-size update on the 2-core CPU took 17.30 s all by FFT, 16.46-16.56 s with this
+# bound (levels of 52, 26 and 13 steps by matmul) and 16.82 s with 128 (104 steps too).
+MATMUL_MAX_LENGTH = 64
 
 
 def s4d_kernel(log_dt, log_a_real, a_imag, c, length):
@@ -59,6 +74,53 @@ def s4d_kernel(log_dt, log_a_real, a_imag, c, length):
   contract = functools.partial(jnp.einsum, 'hnj,hni->hji', precision=jax.lax.Precision.HIGHEST)
   kernel = 2.0 * (contract(far.real, near.real) - contract(far.imag, near.imag))
   return kernel.reshape(kernel.shape[0], outer * inner)[:, :length]
+
+
+def layer_kernels(params, length):
+  """{direction: [H, length]} kernels of one S4D layer from the parameters it declares."""
+  return {d: s4d_kernel(params[f'{d}_log_dt'], params[f'{d}_log_a_real'], params[f'{d}_a_imag'],
+                        params[f'{d}_c'][..., 0] + 1j * params[f'{d}_c'][..., 1], length)
+          for d in DIRECTIONS if f'{d}_log_dt' in params}
+
+
+def find_layers(params, path=()):
+  """{path: the parameters of one S4D layer} for every S4D layer in the parameter tree `params`,
+  path being the tuple of names that leads to it."""
+  if f'{DIRECTIONS[0]}_log_dt' in params:
+    return {path: params}
+  found = {}
+  for name, sub in params.items():
+    if isinstance(sub, Mapping):
+      found.update(find_layers(sub, path + (name,)))
+  return found
+
+
+def stacked_kernels(layers):
+  """The kernels of many S4D layers, one `s4d_kernel` call per distinct length.
+
+  A kernel is computed channel by channel, so layers of one length are one call on their
+  channels concatenated: 5 calls of larger ops instead of 54 for the convergence model.
+
+  Args:
+    layers: {key: (the layer's parameters, its length L)}.
+
+  Returns:
+    {key: {direction: [H, L]}}, as `layer_kernels` of each.
+  """
+  by_length = collections.defaultdict(list)
+  for key, (params, length) in layers.items():
+    by_length[length] += [(key, d, params) for d in DIRECTIONS if f'{d}_log_dt' in params]
+  kernels = collections.defaultdict(dict)
+  for length, group in by_length.items():
+    def stack(name, group=group):
+      return jnp.concatenate([params[f'{d}_{name}'] for _, d, params in group])
+    c = stack('c')
+    kernel = s4d_kernel(stack('log_dt'), stack('log_a_real'), stack('a_imag'),
+                        c[..., 0] + 1j * c[..., 1], length)
+    ends = np.cumsum([params[f'{d}_log_dt'].shape[0] for _, d, params in group])
+    for (key, d, _), part in zip(group, jnp.split(kernel, ends[:-1])):
+      kernels[key][d] = part
+  return dict(kernels)
 
 
 def fft_conv(u, causal_kernel, anticausal_kernel=None):
@@ -127,7 +189,8 @@ class S4D(nn.Module):
   Attributes:
     d_state: N, complex diagonal modes per channel (and per direction).
     bidirectional: add an anti-causal kernel with its own parameters.
-    conv: 'fft' (`fft_conv`, in float32) or 'matmul' (`toeplitz_conv`, operands in `dtype`).
+    conv: 'fft' (`fft_conv`, in float32), 'matmul' (`toeplitz_conv`, operands in `dtype`), or
+      'mixed' ('matmul' up to MATMUL_MAX_LENGTH time steps, 'fft' above).
     dtype: compute dtype of the matmul convolution.
   """
   d_state: int
@@ -137,22 +200,34 @@ class S4D(nn.Module):
 
   @nn.compact
   def __call__(self, u):
+    """[B, L, H] -> [B, L, H]; the kernels are KERNELS' (length L) where it holds them."""
     length, channels = u.shape[1], u.shape[2]
-    kernels = []
-    for direction in ('forward', 'backward') if self.bidirectional else ('forward',):
+    directions = DIRECTIONS if self.bidirectional else DIRECTIONS[:1]
+    params = {}
+    for direction in directions:
       shape = (channels, self.d_state)
-      log_dt = self.param(f'{direction}_log_dt', _log_dt_init, (channels,))
-      log_a_real = self.param(f'{direction}_log_a_real', nn.initializers.constant(math.log(0.5)),
-                              shape)
-      a_imag = self.param(f'{direction}_a_imag', _a_imag_init, shape)
+      params[f'{direction}_log_dt'] = self.param(f'{direction}_log_dt', _log_dt_init,
+                                                 (channels,))
+      params[f'{direction}_log_a_real'] = self.param(
+          f'{direction}_log_a_real', nn.initializers.constant(math.log(0.5)), shape)
+      params[f'{direction}_a_imag'] = self.param(f'{direction}_a_imag', _a_imag_init, shape)
       # Complex normal C with unit total variance, stored as (real, imag).
-      c = self.param(f'{direction}_c', nn.initializers.normal(math.sqrt(0.5)), shape + (2,))
-      kernels.append(s4d_kernel(log_dt, log_a_real, a_imag, c[..., 0] + 1j * c[..., 1], length))
+      params[f'{direction}_c'] = self.param(
+          f'{direction}_c', nn.initializers.normal(math.sqrt(0.5)), shape + (2,))
+    if self.has_variable(KERNELS, directions[0]):
+      kernels = [self.get_variable(KERNELS, d) for d in directions]
+    else:
+      computed = layer_kernels(params, length)
+      kernels = [computed[d] for d in directions]
     d = self.param('d', nn.initializers.normal(1.0), (channels,))
-    if self.conv == 'fft':
+    conv = self.conv
+    if conv == 'mixed':
+      conv = 'matmul' if length <= MATMUL_MAX_LENGTH else 'fft'
+    if conv == 'fft':
       y = fft_conv(u.astype(jnp.float32), *kernels)  # rfft takes no bfloat16.
-    elif self.conv == 'matmul':
+    elif conv == 'matmul':
       y = toeplitz_conv(u, *kernels, dtype=self.dtype)
     else:
-      raise ValueError(f"Unknown S4D convolution {self.conv!r}; expected 'fft' or 'matmul'.")
+      raise ValueError(f"Unknown S4D convolution {self.conv!r}; expected 'fft', 'matmul' or "
+                       "'mixed'.")
     return (y + d * u).astype(u.dtype)

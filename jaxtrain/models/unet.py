@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxtrain.models import heads
 from jaxtrain.models import layers
+from jaxtrain.models import s4
 
 
 class Conditioning(nn.Module):
@@ -121,8 +122,8 @@ class DecoderLevel(nn.Module):
 class HierarchicalUNet(nn.Module):
   """Multi-task denoiser. Sizes: see `config.model` in configs/default.py.
 
-  `s4_conv` ('fft' or 'matmul') is how the S4D layers convolve; `dtype` is the compute dtype
-  (float32 or bfloat16; parameters are float32 either way, and every output is float32).
+  `s4_conv` ('fft', 'matmul' or 'mixed') is how the S4D layers convolve; `dtype` is the compute
+  dtype (float32 or bfloat16; parameters are float32 either way, and every output is float32).
   """
   n_classes: int
   base_channels: int
@@ -141,6 +142,34 @@ class HierarchicalUNet(nn.Module):
   def level_channels(self, level):
     return min(self.base_channels * 2**level, self.max_channels)
 
+  def padded_length(self, length):
+    """The trace length padded to a multiple of 2**n_levels (208 for 200 and 4 levels)."""
+    factor = 2**self.n_levels
+    return -(-length // factor) * factor
+
+  def s4_kernels(self, params, length):
+    """The S4D kernels of every layer, each at its level's length, as the s4.KERNELS collection.
+
+    `apply({'params': params, s4.KERNELS: kernels}, x [B, length], ...)` then equals
+    `apply({'params': params}, ...)` without computing a kernel: the train step computes them
+    once per optimizer update, not once per micro-batch, and pulls their gradient back to the
+    S4D parameters once.
+    """
+    padded = self.padded_length(length)
+    level_of = {'bottleneck': self.n_levels}
+    level_of.update({f'{part}_{level}': level for part in ('enc', 'dec')
+                     for level in range(self.n_levels)})
+    layers = {(name,) + path: (layer, padded // 2**level)
+              for name, level in level_of.items()
+              for path, layer in s4.find_layers(params[name]).items()}
+    kernels = {}
+    for path, layer_kernels in s4.stacked_kernels(layers).items():
+      scope = kernels
+      for name in path:
+        scope = scope.setdefault(name, {})
+      scope.update(layer_kernels)
+    return kernels
+
   @nn.compact
   def __call__(self, x, static, t, train=False, uncond=None):
     """Denoiser output and task predictions.
@@ -157,8 +186,7 @@ class HierarchicalUNet(nn.Module):
       'threshold' [B, 2] (mean, log_scale) in standardised units; 'class_logits' [B, n_classes].
     """
     length = x.shape[1]
-    factor = 2**self.n_levels
-    padded = -(-length // factor) * factor
+    padded = self.padded_length(length)
     dtype, s4_conv = self.dtype, self.s4_conv
     cond = Conditioning(4 * self.base_channels, self.cond_drop_rate, dtype, name='condition')(
         static, t, train, uncond)
