@@ -122,7 +122,7 @@ def measure(size, conv, accumulate, dtype, updates):
     times.append(time.perf_counter() - start)
   t = config.training
   # pylint: disable=protected-access
-  if t.accumulate_with == 'loop':
+  if trainer.mode == 'loop':
     # The micro-batch's program runs k times; the S4D kernels', their pullback's and the
     # optimizer's once.
     names = {'train_micro': t.accumulation_steps, 'train_kernels': 1,
@@ -130,21 +130,20 @@ def measure(size, conv, accumulate, dtype, updates):
   else:
     # XLA's cost analysis counts a loop body once: 'scan' is counted k times (its optimizer
     # and kernels too, a small overcount); 'vmap' is one program.
-    names = {'train': t.accumulation_steps if t.accumulate_with == 'scan' else 1}
+    names = {'train': t.accumulation_steps if trainer.mode == 'scan' else 1}
   costs = [[n * c for c in _cost(getattr(trainer, f'_{name}_compiled'))]
            for name, n in names.items()]
   flops, bytes_accessed, kernels = (sum(column) for column in zip(*costs))
   samples = t.batch_size * t.accumulation_steps
   times = np.asarray(times)
   row = {
-      'size': size, 's4_conv': conv, 'accumulate_with': config.training.accumulate_with,
+      'size': size, 's4_conv': conv, 'accumulate_with': trainer.mode,
       'dtype': dtype,
       'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
       'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
       'batch': t.batch_size, 'accumulation_steps': t.accumulation_steps,
       'init_s': round(init_s, 2),  # The initialisation program: compile and run.
-      'compile_s': round(sum(v for k, v in trainer.compile_seconds.items()
-                             if k.startswith('train')), 2),  # 'train_apply' under 'loop'.
+      'compile_s': round(trainer.compile_seconds['train'], 2),  # All its programs, wall time.
       'update_s_median': round(float(np.median(times)), 4),
       'update_s_iqr': [round(float(q), 4) for q in np.percentile(times, [25, 75])],
       'samples_per_s': round(samples / float(np.median(times)), 2),

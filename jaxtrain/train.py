@@ -210,8 +210,9 @@ def accumulate_gradients(params, batches, rngs, *, model, config, class_weights)
 
   Returns:
     (mean gradient like `params`, terms {name: (sum [k], count [k])}, grads_bad [k] bool: the
-    micro-batches whose own gradient was not finite; under 'vmap' only the mean gradient is
-    known, so a non-finite one marks every micro-batch).
+    micro-batches whose own gradient, in the parameters and the S4D kernels, was not finite;
+    under 'vmap' only the mean gradient is known, so a non-finite one marks every
+    micro-batch; `apply_update` also marks them all if only the pulled-back mean is not).
   """
   gradient = functools.partial(micro_gradient, model=model, config=config,
                                class_weights=class_weights)
@@ -328,7 +329,8 @@ def _loop_micro_step(grad_sum, params, kernels, rng, step, batches, i, *, model,
 
 
 def _loop_mean_gradient(params, grad_sum, *, model, config):
-  """The update's mean parameter gradient from the host loop's `grad_sum` (donated)."""
+  """The update's mean parameter gradient from the host loop's `grad_sum` (not donated: its
+  kernel half has no output of its shape to reuse, and XLA would warn on every run)."""
   k = config.training.accumulation_steps
   return kernel_pullback(params, jax.tree.map(lambda g: g / k, grad_sum), model=model,
                          config=config)
@@ -392,7 +394,7 @@ class Trainer:
       # (`compile_train`): inside the optimizer's it made that one the longest to compile.
       self._loop_mean_gradient = jax.jit(
           functools.partial(_loop_mean_gradient, model=self.model, config=config),
-          out_shardings=self.replicated, donate_argnums=1)
+          out_shardings=self.replicated)
       self._loop_apply = jax.jit(
           functools.partial(_loop_apply, tx=self.tx, config=config),
           out_shardings=self.replicated, donate_argnums=(0, 1, 2, 3))

@@ -246,6 +246,9 @@ def test_precomputed_s4d_kernels_give_the_same_outputs_and_gradient(tiny):
   total = jax.tree.map(jnp.add, param_grad, pullback(kernel_grad)[0])
   for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(direct_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+  # Kernels of another length are refused, not cut or padded by the FFT.
+  with pytest.raises(ValueError, match='given S4D kernels of shape .* for an input of 200 steps'):
+    loss(params, model.s4_kernels(params, 96))
 
 
 @pytest.mark.parametrize('conv', ['matmul', 'mixed'])

@@ -216,6 +216,11 @@ class S4D(nn.Module):
           f'{direction}_c', nn.initializers.normal(math.sqrt(0.5)), shape + (2,))
     if self.has_variable(KERNELS, directions[0]):
       kernels = [self.get_variable(KERNELS, d) for d in directions]
+      if kernels[0].shape != (channels, length):
+        # The FFT would silently cut or zero-pad a kernel of another length.
+        where = '/'.join(self.scope.path)
+        raise ValueError(f'{where}: given S4D kernels of shape {kernels[0].shape} for an input '
+                         f'of {length} steps and {channels} channels.')
     else:
       computed = layer_kernels(params, length)
       kernels = [computed[d] for d in directions]
