@@ -88,6 +88,10 @@ def get_config():
   loss.class_weights = 'balanced'  # 'balanced' (n / (K n_k) on the train split) or 'none'.
   loss.threshold_loss = 'nll'  # 'nll' (Gaussian NLL) or 'huber', on the standardised threshold.
   loss.huber_delta = 1.0  # Huber delta for loss.threshold_loss='huber', in standard deviations.
+  # beta of the beta-NLL on the Gaussian terms (latency, amplitude, threshold 'nll'): each
+  # recording's NLL weighted by sigma^(2 beta) (no gradient), 0 = plain NLL (losses.py). 0.5
+  # pulls a hard recording's mean as hard as an easy one's: the late waves V.
+  loss.nll_beta = 0.5
 
   # ---------------------------------------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()

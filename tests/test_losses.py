@@ -142,7 +142,10 @@ def test_terms_match_predictions_and_contract(setup):
   # Terms recomputed from the predictions.
   nll = losses.gaussian_nll(preds['peak_latency'][:, 0], preds['peak_latency'][:, 1],
                             batch['peak_latency'])
-  np.testing.assert_allclose(terms['peak_latency'][0], jnp.sum(nll * peaks), rtol=1e-5)
+  sigma_2beta = jnp.exp(preds['peak_latency'][:, 1])**(2 * config.loss.nll_beta)
+  beta_weights = sigma_2beta * jnp.sum(peaks) / jnp.sum(sigma_2beta * peaks)
+  np.testing.assert_allclose(terms['peak_latency'][0], jnp.sum(beta_weights * nll * peaks),
+                             rtol=1e-5)
   bce = optax.sigmoid_binary_cross_entropy(preds['peak_exist'], batch['peak_mask'])
   np.testing.assert_allclose(terms['peak_exist'][0], jnp.sum(bce * real), rtol=1e-5)
 
@@ -231,3 +234,31 @@ def test_loss_options(setup, option):
     huber = jnp.where(error < 0.5, 0.5 * error**2, 0.5 * (error - 0.25))
     weight = batch['mask'] * batch['threshold_mask']
     np.testing.assert_allclose(terms['threshold'][0], jnp.sum(huber * weight), rtol=1e-5)
+
+
+def test_beta_nll_pulls_every_recording_by_its_z_score():
+  """beta 0.5: the mean's gradient is |z| (mean 1 weights aside) whatever sigma, so a hard
+  recording (sigma 10x) pulls as hard as an easy one with the same z; beta 0 is the plain NLL,
+  whose pull falls as 1/sigma^2; the weights average 1 over the mask, padding excluded."""
+  log_scale = jnp.log(jnp.array([0.1, 1.0, 5.0]))
+  target = jnp.zeros(3)
+  mask = jnp.array([1.0, 1.0, 0.0])
+  z = jnp.array([1.0, 1.0, 1.0])
+
+  def pull(beta):
+    loss = lambda mean: losses.gaussian_term(
+        jnp.stack([mean, log_scale], axis=-1), target, mask, beta)[0]
+    return jax.grad(loss)(z * jnp.exp(log_scale))
+
+  weights = losses.beta_nll_weights(log_scale, mask, 0.5)
+  np.testing.assert_allclose(weights[:2], [2 * 0.1 / 1.1, 2 * 1.0 / 1.1], rtol=1e-6)
+  np.testing.assert_allclose(pull(0.5)[:2] / weights[:2] * jnp.exp(log_scale[:2]), [1.0, 1.0],
+                             rtol=1e-5)
+  np.testing.assert_allclose(pull(0.5)[0] / pull(0.5)[1], 1.0, rtol=1e-5)
+  np.testing.assert_allclose(pull(0.0)[:2], [10.0, 1.0], rtol=1e-5)
+  assert float(pull(0.5)[2]) == 0.0
+  plain = losses.gaussian_term(jnp.stack([z, log_scale], -1), target, mask, 0.0)
+  np.testing.assert_allclose(
+      plain[0], jnp.sum(losses.gaussian_nll(z, log_scale, target) * mask), rtol=1e-6)
+  with pytest.raises(ValueError, match='nll_beta'):
+    losses.gaussian_term(jnp.stack([z, log_scale], -1), target, mask, 1.5)
