@@ -89,8 +89,9 @@ def get_config():
   loss.threshold_loss = 'nll'  # 'nll' (Gaussian NLL) or 'huber', on the standardised threshold.
   loss.huber_delta = 1.0  # Huber delta for loss.threshold_loss='huber', in standard deviations.
   # beta of the beta-NLL on the Gaussian terms (latency, amplitude, threshold 'nll'): each
-  # recording's NLL weighted by sigma^(2 beta) (no gradient), 0 = plain NLL (losses.py). 0.5
-  # pulls a hard recording's mean as hard as an easy one's: the late waves V.
+  # recording's NLL gradient weighted by sigma^(2 beta) (the reported terms stay the plain
+  # NLL); 0 = plain NLL (losses.py). 0.5 pulls a hard recording's mean as hard as an easy
+  # one's: the late waves V. Runs saved before this key resume only with 0.0 (checkpoint.py).
   loss.nll_beta = 0.5
 
   # ---------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ STRUCTURAL_KEYS = ('model.', 'data.', 'training.batch_size', 'training.accumulat
 # How the model computes, not what it holds: a run may resume under another value (e.g. on a
 # CPU after a bfloat16 TPU run), and configs saved before these keys existed still resume.
 NUMERICS_KEYS = ('model.dtype', 'model.s4_conv')
+# Keys added with a default that trains differently: the value a config.json written before the
+# key existed stands for (the run trained without the feature).
+PREDATING_VALUES = {'loss.nll_beta': 0.0}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -309,7 +312,8 @@ def check_resume_config(workdir, config):
   """Refuses to resume `workdir` under a config that changes shapes; logs harmless changes.
 
   A key the saved config lacks (added to jaxtrain after the run started) is harmless at its
-  default value in configs/default.py, which by convention keeps the earlier behaviour.
+  default value in configs/default.py, which by convention keeps the earlier behaviour; where
+  it does not (PREDATING_VALUES), only at the value the run trained with.
 
   Raises:
     ValueError: listing the structural keys whose values differ from the saved config.json.
@@ -328,6 +332,14 @@ def check_resume_config(workdir, config):
         f'saved shapes or the data position, so it cannot resume under this config: '
         f'{_describe(structural)}. Use a new --workdir, or the saved values '
         f'({os.path.join(workdir, CONFIG_FILE)}).')
+  changed = {k: (PREDATING_VALUES[k], v[1]) for k, v in differences.items()
+             if v[0] is None and k in PREDATING_VALUES and v[1] != PREDATING_VALUES[k]}
+  if changed:
+    raise ValueError(
+        f'{workdir} holds checkpoints of a run that predates {", ".join(changed)}, so it '
+        f'trained as with {_describe(changed)}; resuming would change its loss midway. Resume '
+        f'with {" ".join(f"--config.{k}={v[0]!r}" for k, v in changed.items())}, or use a new '
+        f'--workdir.')
   if differences:
     logging.warning('Resuming %s under a config that differs from the saved one in: %s.',
                     workdir, _describe(differences))

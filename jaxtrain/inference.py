@@ -149,7 +149,8 @@ def load(workdir, step=None):
 
 
 def load_config(workdir):
-  """The run's config.json over configs/default.py: keys it lacks get their default (logged).
+  """The run's config.json over configs/default.py: keys it lacks get their default (logged),
+  or the value a run without them trained with (checkpoint.PREDATING_VALUES).
 
   Raises:
     IncompatibleRunError: no config.json, or keys configs/default.py does not define.
@@ -161,6 +162,9 @@ def load_config(workdir):
   with open(path) as f:
     saved = json.load(f)
   defaults = checkpoint.config_as_dict(default_config.get_config())
+  for key, value in checkpoint.PREDATING_VALUES.items():  # What a run without the key did.
+    *sections, leaf = key.split('.')
+    functools.reduce(lambda tree, section: tree[section], sections, defaults)[leaf] = value
   saved_flat, default_flat = checkpoint.flatten_config(saved), checkpoint.flatten_config(defaults)
   unknown = sorted(saved_flat.keys() - default_flat.keys())
   if unknown:
@@ -169,7 +173,8 @@ def load_config(workdir):
         'written by another version; load it with the jaxtrain version that trained it.')
   filled = sorted(default_flat.keys() - saved_flat.keys())
   if filled:
-    logging.info('%s predates the keys %s: using their defaults from configs/default.py.',
+    logging.info('%s predates the keys %s: using their defaults from configs/default.py, or '
+                 'what a run without them did (checkpoint.PREDATING_VALUES).',
                  path, ', '.join(f'{k}={default_flat[k]!r}' for k in filled))
   return ml_collections.ConfigDict(_merge(defaults, saved))
 

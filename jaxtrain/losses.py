@@ -34,23 +34,28 @@ def beta_nll_weights(log_scale, mask, beta):
   finds hard (a late, faint wave V) gets a large sigma and almost no pull on the mean: it is
   left underfit (Seitzer et al. 2022, beta-NLL). Weighting by sigma^(2 beta) gives a pull of
   (mean - target) / sigma^(2 - 2 beta): beta 0 is the plain NLL, 0.5 the same magnitude |z|
-  for every recording (the L1-like middle), 1 the squared error's. Rescaling the weights to
-  mean 1 keeps the term's scale, and so its share of the trunk's gradient, as the user weighted
-  it; the optimum of sigma is unchanged.
+  for every recording of a micro-batch (the L1-like middle), 1 the squared error's. Rescaling
+  the weights to mean 1 over the micro-batch's labelled rows keeps the term's share of the
+  trunk's gradient as the user weighted it; the optimum of sigma is unchanged.
   """
   weights = jax.lax.stop_gradient(jnp.exp(2.0 * beta * log_scale))
-  mean = jnp.sum(weights * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  mean = jnp.sum(jnp.where(mask > 0, weights, 0.0) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   return jnp.where(mean > 0, weights / mean, 1.0)
 
 
 def gaussian_term(prediction, target, mask, beta):
-  """(sum, count) of the beta-weighted Gaussian NLL of prediction [B, 2] (mean, log-scale)
-  against target [B] over mask [B]."""
+  """(sum, count) of the Gaussian NLL of prediction [B, 2] (mean, log-scale) against target
+  [B] over mask [B], differentiated as the beta-NLL.
+
+  The value is the plain NLL, so the reported term, the best-checkpoint choice and the
+  report's checks mean the same at every beta and batch size; only the gradient is weighted.
+  """
   if not 0.0 <= beta <= 1.0:
     raise ValueError(f'config.loss.nll_beta must lie in [0, 1], got {beta!r}.')
   mean, log_scale = prediction[:, 0], prediction[:, 1]
-  return _masked(beta_nll_weights(log_scale, mask, beta) * gaussian_nll(mean, log_scale, target),
-                 mask)
+  nll = gaussian_nll(mean, log_scale, target)
+  weighted = beta_nll_weights(log_scale, mask, beta) * nll
+  return _masked(jax.lax.stop_gradient(nll) + weighted - jax.lax.stop_gradient(weighted), mask)
 
 
 def huber(error, delta):

@@ -389,6 +389,20 @@ def test_config_saved_before_the_numerics_keys_still_resumes(tmp_path, caplog):
     checkpoint.check_resume_config(str(tmp_path), config)
 
 
+def test_run_saved_before_the_beta_nll_resumes_only_with_its_plain_nll(tmp_path):
+  """loss.nll_beta's default (0.5) changes training: a config.json without the key trained
+  with the plain NLL (0.0) and resumes only so, instead of changing its loss midway."""
+  config = convergence.get_config('test')
+  saved = checkpoint.config_as_dict(config)
+  del saved['loss']['nll_beta']
+  with open(tmp_path / checkpoint.CONFIG_FILE, 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(ValueError, match=r'--config.loss.nll_beta=0.0'):
+    checkpoint.check_resume_config(str(tmp_path), config)
+  config.loss.nll_beta = 0.0
+  checkpoint.check_resume_config(str(tmp_path), config)
+
+
 def test_rewind_drops_rows_after_the_step_test_rows_and_a_torn_line(tmp_path):
   rows = [{'step': s, 'epoch': 1, 'split': split} for s, split in
           ((1, 'train'), (2, 'train'), (2, 'val'), (3, 'train'), (2, 'test'))]

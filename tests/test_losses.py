@@ -142,10 +142,7 @@ def test_terms_match_predictions_and_contract(setup):
   # Terms recomputed from the predictions.
   nll = losses.gaussian_nll(preds['peak_latency'][:, 0], preds['peak_latency'][:, 1],
                             batch['peak_latency'])
-  sigma_2beta = jnp.exp(preds['peak_latency'][:, 1])**(2 * config.loss.nll_beta)
-  beta_weights = sigma_2beta * jnp.sum(peaks) / jnp.sum(sigma_2beta * peaks)
-  np.testing.assert_allclose(terms['peak_latency'][0], jnp.sum(beta_weights * nll * peaks),
-                             rtol=1e-5)
+  np.testing.assert_allclose(terms['peak_latency'][0], jnp.sum(nll * peaks), rtol=1e-5)
   bce = optax.sigmoid_binary_cross_entropy(preds['peak_exist'], batch['peak_mask'])
   np.testing.assert_allclose(terms['peak_exist'][0], jnp.sum(bce * real), rtol=1e-5)
 
@@ -237,28 +234,39 @@ def test_loss_options(setup, option):
 
 
 def test_beta_nll_pulls_every_recording_by_its_z_score():
-  """beta 0.5: the mean's gradient is |z| (mean 1 weights aside) whatever sigma, so a hard
+  """beta 0.5: the mean's gradient is |z| (mean-1 weights aside) whatever sigma, so a hard
   recording (sigma 10x) pulls as hard as an easy one with the same z; beta 0 is the plain NLL,
-  whose pull falls as 1/sigma^2; the weights average 1 over the mask, padding excluded."""
+  whose pull falls as 1/sigma^2. The weights average 1 over the mask (padding excluded, even
+  when NaN), carry no gradient of their own, and the term's value stays the plain NLL."""
   log_scale = jnp.log(jnp.array([0.1, 1.0, 5.0]))
   target = jnp.zeros(3)
   mask = jnp.array([1.0, 1.0, 0.0])
-  z = jnp.array([1.0, 1.0, 1.0])
-
-  def pull(beta):
-    loss = lambda mean: losses.gaussian_term(
-        jnp.stack([mean, log_scale], axis=-1), target, mask, beta)[0]
-    return jax.grad(loss)(z * jnp.exp(log_scale))
+  z = jnp.array([2.0, 0.5, 1.0])
+  mean = z * jnp.exp(log_scale)
+  term = lambda m, s, beta, mask=mask: losses.gaussian_term(
+      jnp.stack([m, s], axis=-1), target, mask, beta)
 
   weights = losses.beta_nll_weights(log_scale, mask, 0.5)
   np.testing.assert_allclose(weights[:2], [2 * 0.1 / 1.1, 2 * 1.0 / 1.1], rtol=1e-6)
-  np.testing.assert_allclose(pull(0.5)[:2] / weights[:2] * jnp.exp(log_scale[:2]), [1.0, 1.0],
+  # d/dmean = w z / sigma, d/dlog_scale = w (1 - z^2): sigma^(2 beta) is not differentiated.
+  pull = jax.grad(lambda m: term(m, log_scale, 0.5)[0])(mean)
+  np.testing.assert_allclose(pull, weights * z / jnp.exp(log_scale) * mask, rtol=1e-5)
+  np.testing.assert_allclose(pull[:2] * jnp.exp(log_scale[:2]) / weights[:2] / z[:2], 1.0,
                              rtol=1e-5)
-  np.testing.assert_allclose(pull(0.5)[0] / pull(0.5)[1], 1.0, rtol=1e-5)
-  np.testing.assert_allclose(pull(0.0)[:2], [10.0, 1.0], rtol=1e-5)
-  assert float(pull(0.5)[2]) == 0.0
-  plain = losses.gaussian_term(jnp.stack([z, log_scale], -1), target, mask, 0.0)
-  np.testing.assert_allclose(
-      plain[0], jnp.sum(losses.gaussian_nll(z, log_scale, target) * mask), rtol=1e-6)
+  spread = jax.grad(lambda s: term(mean, s, 0.5)[0])(log_scale)
+  np.testing.assert_allclose(spread, weights * (1 - z**2) * mask, rtol=1e-5, atol=1e-7)
+  plain_pull = jax.grad(lambda m: term(m, log_scale, 0.0)[0])(mean)
+  np.testing.assert_allclose(plain_pull[:2], z[:2] / jnp.exp(log_scale[:2]), rtol=1e-5)
+  plain = jnp.sum(losses.gaussian_nll(mean, log_scale, target) * mask)
+  for beta in (0.0, 0.5, 1.0):
+    np.testing.assert_allclose(term(mean, log_scale, beta)[0], plain, rtol=1e-6)
+
+  nan_padding = log_scale.at[2].set(jnp.nan)
+  np.testing.assert_allclose(losses.beta_nll_weights(nan_padding, mask, 0.5)[:2], weights[:2],
+                             rtol=1e-6)
+  none = jnp.zeros(3)
+  total, count = term(mean, log_scale, 0.5, none)
+  assert float(total) == 0.0 and float(count) == 0.0
+  assert np.all(np.isfinite(jax.grad(lambda s: term(mean, s, 0.5, none)[0])(log_scale)))
   with pytest.raises(ValueError, match='nll_beta'):
-    losses.gaussian_term(jnp.stack([z, log_scale], -1), target, mask, 1.5)
+    term(mean, log_scale, 1.5)

@@ -147,12 +147,14 @@ def _copy_run(workdir, tmp_path, edit_config=None):
 def test_load_fills_keys_added_later_and_uses_the_best_checkpoint(saved_test_run, tmp_path,
                                                                   caplog):
   config, workdir = saved_test_run
-  copy = _copy_run(workdir, tmp_path, lambda c: c['model'].pop('dtype'))
+  copy = _copy_run(workdir, tmp_path,
+                   lambda c: (c['model'].pop('dtype'), c['loss'].pop('nll_beta')))
   os.remove(os.path.join(copy, data.NORMALIZER_FILE))  # Older runs: run_info.json has it.
   with caplog.at_level(logging.INFO):
     trained = inference.load(copy)
-  assert "predates the keys model.dtype='auto'" in caplog.text
+  assert "predates the keys loss.nll_beta=0.0, model.dtype='auto'" in caplog.text
   assert trained.config.model.dtype == 'auto'
+  assert trained.config.loss.nll_beta == 0.0  # What the run trained with, not the default.
   with open(os.path.join(workdir, data.NORMALIZER_FILE)) as f:
     assert trained.normalizer.to_dict() == json.load(f)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
