@@ -308,6 +308,14 @@ def _describe(differences):
   return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differences.items())
 
 
+def absent_key_values():
+  """configs/default.py as a config.json dict, each key at the value a saved config that lacks
+  it stands for: its default, or, where the default trains differently, PREDATING_VALUES'."""
+  config = default.get_config()
+  config.update_from_flattened_dict(PREDATING_VALUES)
+  return config_as_dict(config)
+
+
 def check_resume_config(workdir, config):
   """Refuses to resume `workdir` under a config that changes shapes; logs harmless changes.
 
@@ -322,7 +330,7 @@ def check_resume_config(workdir, config):
   if saved is None:
     return
   differences = config_differences(saved, config_as_dict(config))
-  defaults = flatten_config(config_as_dict(default.get_config()))
+  defaults = flatten_config(absent_key_values())
   # A key added after the run was saved behaves, at its default, as the run did without it.
   structural = {k: v for k, v in differences.items() if is_structural(k)
                 and not (v[0] is None and k in defaults and v[1] == defaults[k])}
@@ -332,8 +340,8 @@ def check_resume_config(workdir, config):
         f'saved shapes or the data position, so it cannot resume under this config: '
         f'{_describe(structural)}. Use a new --workdir, or the saved values '
         f'({os.path.join(workdir, CONFIG_FILE)}).')
-  changed = {k: (PREDATING_VALUES[k], v[1]) for k, v in differences.items()
-             if v[0] is None and k in PREDATING_VALUES and v[1] != PREDATING_VALUES[k]}
+  changed = {k: (defaults[k], v[1]) for k, v in differences.items()
+             if v[0] is None and k in PREDATING_VALUES and v[1] != defaults[k]}
   if changed:
     raise ValueError(
         f'{workdir} holds checkpoints of a run that predates {", ".join(changed)}, so it '

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import default as default_config
 from jaxtrain import checkpoint
 from jaxtrain import data
 from jaxtrain import models
@@ -161,10 +160,7 @@ def load_config(workdir):
                                'directory (train.py writes it when a run starts).')
   with open(path) as f:
     saved = json.load(f)
-  defaults = checkpoint.config_as_dict(default_config.get_config())
-  for key, value in checkpoint.PREDATING_VALUES.items():  # What a run without the key did.
-    *sections, leaf = key.split('.')
-    functools.reduce(lambda tree, section: tree[section], sections, defaults)[leaf] = value
+  defaults = checkpoint.absent_key_values()
   saved_flat, default_flat = checkpoint.flatten_config(saved), checkpoint.flatten_config(defaults)
   unknown = sorted(saved_flat.keys() - default_flat.keys())
   if unknown:

@@ -39,7 +39,8 @@ def beta_nll_weights(log_scale, mask, beta):
   trunk's gradient as the user weighted it; the optimum of sigma is unchanged.
   """
   weights = jax.lax.stop_gradient(jnp.exp(2.0 * beta * log_scale))
-  mean = jnp.sum(jnp.where(mask > 0, weights, 0.0) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  total, count = _masked(weights, mask)
+  mean = total / jnp.maximum(count, 1.0)
   return jnp.where(mean > 0, weights / mean, 1.0)
 
 
