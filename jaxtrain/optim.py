@@ -3,7 +3,9 @@
 Every schedule here is a function of the optimizer-update count (one update per
 `training.accumulation_steps` micro-batches), never of the micro-batch count.
 
-The optimizer is `MultiSteps(chain(clip, adamw))`, and its state is what checkpoints hold. The
+The optimizer is `MultiSteps(chain(clip, adamw))`, the task heads' AdamW updates multiplied by
+`training.head_learning_rate_scale` (their learning rate is that multiple of the schedule's), and
+its state is what checkpoints hold. The
 train step does not call `MultiSteps.update` once per micro-batch, though: it averages the
 micro-batch gradients of a whole update itself and calls `apply_accumulated`, which runs the
 inner chain once and leaves the state exactly as k MultiSteps calls would.
@@ -15,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxtrain.models import heads
 
 
 def _cycle_starts(t0, t_mult, horizon):
@@ -77,21 +81,47 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def task_head_mask(params):
+  """True for the parameters of the pooled task heads (heads.TASKS), False elsewhere."""
+  names = {heads.module_name(task) for task in heads.TASKS}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], 'key', None) in names, params)
+
+
+def scale_task_heads(inner, scale):
+  """`inner` with its updates of the task heads' parameters multiplied by `scale`.
+
+  The state is `inner`'s own, so checkpoints and `applied_learning_rate` read the same at every
+  scale. For AdamW the product is its step at `scale` x the learning rate, weight decay included.
+  """
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    return jax.tree.map(lambda u, head: u * scale if head else u,
+                        updates, task_head_mask(updates)), state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
 def create_optimizer(config, steps_per_epoch):
   """MultiSteps(chain(clip_by_global_norm, adamw(schedule)), accumulation_steps).
 
   The clip sees the mean of the accumulated micro-batch gradients, and weight decay is
   decoupled and scaled by the learning rate, as in `torch.optim.AdamW`. AdamW is wrapped in
   `inject_hyperparams` so that the learning rate of the last applied update is part of the
-  optimizer state (see `applied_learning_rate`).
+  optimizer state (see `applied_learning_rate`), and in `scale_task_heads`: the task heads
+  learn at `training.head_learning_rate_scale` x that rate.
   """
   t = config.training
   if t.accumulation_steps < 1:
     raise ValueError(f'training.accumulation_steps must be >= 1, got {t.accumulation_steps}.')
+  if not t.head_learning_rate_scale > 0:
+    raise ValueError('training.head_learning_rate_scale must be > 0, got '
+                     f'{t.head_learning_rate_scale!r}.')
   adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
       learning_rate=create_learning_rate_fn(config, steps_per_epoch),
       b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
-  inner = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw)
+  inner = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm),
+                      scale_task_heads(adamw, t.head_learning_rate_scale))
   return optax.MultiSteps(inner, every_k_schedule=t.accumulation_steps)
 
 

@@ -14,6 +14,7 @@ Independent subprocesses run two at a time (the machine has 2 cores).
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -389,17 +390,22 @@ def test_config_saved_before_the_numerics_keys_still_resumes(tmp_path, caplog):
     checkpoint.check_resume_config(str(tmp_path), config)
 
 
-def test_run_saved_before_the_beta_nll_resumes_only_with_its_plain_nll(tmp_path):
-  """loss.nll_beta's default (0.5) changes training: a config.json without the key trained
-  with the plain NLL (0.0) and resumes only so, instead of changing its loss midway."""
+@pytest.mark.parametrize('key', sorted(checkpoint.PREDATING_VALUES))
+def test_run_saved_before_a_key_that_trains_differently_resumes_only_as_it_trained(key, tmp_path):
+  """A key whose default changes training (loss.nll_beta: 0.5): a config.json without the key
+  trained as with PREDATING_VALUES' value (the plain NLL) and resumes only so, instead of
+  changing its loss midway."""
   config = convergence.get_config('test')
   saved = checkpoint.config_as_dict(config)
-  del saved['loss']['nll_beta']
+  section, name = key.split('.')
+  del saved[section][name]
   with open(tmp_path / checkpoint.CONFIG_FILE, 'w') as f:
     json.dump(saved, f)
-  with pytest.raises(ValueError, match=r'--config.loss.nll_beta=0.0'):
+  value = checkpoint.PREDATING_VALUES[key]
+  assert config[section][name] != value
+  with pytest.raises(ValueError, match=re.escape(f'--config.{key}={value!r}')):
     checkpoint.check_resume_config(str(tmp_path), config)
-  config.loss.nll_beta = 0.0
+  config[section][name] = value
   checkpoint.check_resume_config(str(tmp_path), config)
 
 

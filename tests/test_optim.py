@@ -1,5 +1,6 @@
 """The learning-rate schedule and the accumulated AdamW chain (jaxtrain/optim.py)."""
 
+import functools
 import math
 
 import jax
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 from configs import convergence
+from jaxtrain import models
 from jaxtrain import optim
 
 SPE = 7  # Optimizer updates per epoch: odd, so epoch boundaries fall between updates' halves.
@@ -147,3 +149,41 @@ def test_bad_schedule_settings_are_refused():
     optim.create_learning_rate_fn(config, SPE)
   with pytest.raises(ValueError, match='steps_per_epoch'):
     optim.create_learning_rate_fn(_config(1), 0)
+
+
+def test_task_heads_step_at_their_multiple_of_the_learning_rate():
+  """Same gradient, same values: a task head's AdamW step (decay included) is the scale times
+  the trunk's; the state and its recorded learning rate are the unscaled optimizer's."""
+  config = _config(1, warmup=0, lr=0.01)
+  config.training.accumulation_steps, config.training.weight_decay = 1, 0.5
+  leaf = {'kernel': jnp.full((2, 3), 0.7), 'bias': jnp.full((3,), -0.2)}
+  params = {'enc_0': leaf, 'signal_head': leaf, 'amplitude_head': leaf, 'class_head': leaf}
+  grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size).reshape(p.shape), params)
+  steps = {}
+  for scale in (1.0, 10.0):
+    config.training.head_learning_rate_scale = scale
+    tx = optim.create_optimizer(config, SPE)
+    state = tx.init(params)
+    steps[scale], state = tx.update(grads, state, params)
+    assert float(optim.applied_learning_rate(state)) == pytest.approx(0.01)
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+  for name in params:
+    factor = 10.0 if name in ('amplitude_head', 'class_head') else 1.0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, factor * a, rtol=1e-6),
+                 steps[1.0][name], steps[10.0][name])
+  config.training.head_learning_rate_scale = 0.0
+  with pytest.raises(ValueError, match='head_learning_rate_scale'):
+    optim.create_optimizer(config, SPE)
+
+
+def test_every_task_head_of_the_model_is_scaled():
+  """Every pooled head the model builds is found by name, and nothing of the trunk or the
+  signal head (a head added under another name would be left at the trunk's rate)."""
+  model = models.create_model(convergence.get_config('test'))
+  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, 200)), jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))
+  mask = optim.task_head_mask(params['params'])
+  scaled = {name for name, sub in mask.items() if all(jax.tree.leaves(sub))}
+  assert scaled == {name for name in mask if name.endswith('_head')} - {'signal_head'}
+  assert len(scaled) == 5
+  assert not any(any(jax.tree.leaves(sub)) for name, sub in mask.items() if name not in scaled)

@@ -32,8 +32,16 @@ LOG_SCALE_BOUND = 4.0
 # Last layers start small: outputs near 0 (standardised means, log-scales, logits) at init,
 # so every loss starts at its order-1 value instead of on a saturated range.
 OUTPUT_INIT = nn.initializers.variance_scaling(0.01, 'fan_in', 'normal')
+# The pooled heads, one per task: their parameters (under module_name(task)) are the task heads
+# that optim.create_optimizer trains at training.head_learning_rate_scale x the learning rate.
+TASKS = ('exist', 'class', 'latency', 'amplitude', 'threshold')
 POSITION_DIM = 16  # Sinusoidal position features appended before pooling.
 N_QUERIES = 4  # Attention-pooling queries per head.
+
+
+def module_name(task):
+  """Name of the pooled head of `task` (one of TASKS) among the model's parameters."""
+  return f'{task}_head'
 
 
 def bounded_log_scale(raw):

@@ -142,6 +142,11 @@ class HierarchicalUNet(nn.Module):
   def level_channels(self, level):
     return min(self.base_channels * 2**level, self.max_channels)
 
+  @property
+  def head_hidden(self):
+    """Width of the pooled heads' layers."""
+    return 2 * self.base_channels
+
   def padded_length(self, length):
     """The trace length padded to a multiple of 2**n_levels (208 for 200 and 4 levels)."""
     factor = 2**self.n_levels
@@ -214,10 +219,8 @@ class HierarchicalUNet(nn.Module):
                        s4_conv, dtype, name=f'dec_{level}')(h, skips[level], cond, train)
     features = h[:, :length]  # [B, L, C_0]
 
-    hidden = 2 * self.base_channels
-
     def pooled(name, n_out, evidence=None):
-      return heads.PooledHead(n_out, hidden, self.dropout, dtype, name=f'{name}_head')(
+      return heads.PooledHead(n_out, self.head_hidden, self.dropout, dtype, name=heads.module_name(name))(
           features, x, static, train, evidence)
 
     def gaussian(name, evidence=None):  # (mean, bounded log-scale) [B, 2].
