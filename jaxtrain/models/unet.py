@@ -220,8 +220,9 @@ class HierarchicalUNet(nn.Module):
     features = h[:, :length]  # [B, L, C_0]
 
     def pooled(name, n_out, evidence=None):
-      return heads.PooledHead(n_out, self.head_hidden, self.dropout, dtype, name=heads.module_name(name))(
-          features, x, static, train, evidence)
+      head = heads.PooledHead(n_out, self.head_hidden, self.dropout, dtype,
+                              name=heads.module_name(name))
+      return head(features, x, static, train, evidence)
 
     def gaussian(name, evidence=None):  # (mean, bounded log-scale) [B, 2].
       out = pooled(name, 2, evidence)
