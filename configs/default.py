@@ -124,6 +124,12 @@ def get_config():
   # denoiser's cost (val signal loss +6 %; on the demo's 160 patients +56 %, and its generated
   # traces lost their shape: item 9's mean r 0.71 -> 0.16-0.25). 1 keeps the denoiser.
   training.head_learning_rate_scale = 1.0
+  # Multiplies the gradient the pooled task heads send into the shared trunk (their own
+  # parameters' gradient is unchanged, the denoiser's path untouched; the forward pass is the
+  # same, so inference ignores it). Below 1 the trunk serves the denoiser more: with
+  # head_learning_rate_scale = 30 and this at 1/30 the demo's denoiser beat the default's and
+  # its heads kept most of their gain (README, learning benchmark). 1 = plain backprop.
+  training.head_gradient_scale = 1.0
   training.b1 = 0.9  # AdamW beta1.
   training.b2 = 0.999  # AdamW beta2.
   training.eps = 1e-8  # AdamW epsilon.

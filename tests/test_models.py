@@ -359,3 +359,31 @@ def test_pooled_head_reads_the_static_values_and_the_trace_directly():
   # Same features: only the static values, or only the trace, differ.
   for changed in (apply(h, x, static.at[:, 1].add(1.0)), apply(h, x.at[:, 7].add(3.0), static)):
     assert float(jnp.min(jnp.max(jnp.abs(changed - base), axis=1))) > 1e-6
+
+
+def test_head_gradient_scale_scales_only_what_the_heads_send_the_trunk():
+  """Same outputs; a task head's loss gives the trunk `scale` x its gradient and the head its
+  own; the denoiser's loss gives the trunk the same gradient at any scale; < 0 is refused."""
+  config = convergence.get_config('test')
+  x, static, t = make_inputs()
+  grads, outputs = {}, {}
+  for scale in (1.0, 0.25):
+    config.training.head_gradient_scale = scale
+    model = models.create_model(config)
+    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x, static, t)
+    apply = lambda p: model.apply(p, x, static, t)
+    outputs[scale] = apply(params)
+    grads[scale] = {
+        'class': jax.grad(lambda p: jnp.sum(apply(p)['class_logits'][:, 1]))(params)['params'],
+        'signal': jax.grad(lambda p: jnp.sum(apply(p)['signal']**2))(params)['params']}
+  jax.tree.map(np.testing.assert_allclose, outputs[1.0], outputs[0.25])
+  for name in grads[1.0]['class']:
+    factor = 1.0 if name.endswith('_head') else 0.25
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, factor * a, rtol=1e-4, atol=1e-8),
+                 grads[1.0]['class'][name], grads[0.25]['class'][name])
+  assert any(np.abs(v).max() > 0 for v in jax.tree.leaves(grads[1.0]['class']['dec_0']))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8),
+               grads[1.0]['signal'], grads[0.25]['signal'])
+  config.training.head_gradient_scale = -1.0
+  with pytest.raises(ValueError, match='head_gradient_scale'):
+    models.create_model(config)

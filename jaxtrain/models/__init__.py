@@ -33,12 +33,16 @@ def s4_conv(config):
 
 
 def create_model(config):
-  """The HierarchicalUNet with the sizes in `config.model` (see configs/default.py).
+  """The HierarchicalUNet with the sizes in `config.model` (see configs/default.py), its heads
+  sending the trunk `training.head_gradient_scale` x their gradient.
 
   Use: `model.init(rng, x [B, L], static [B, 4], t [B] int32, train=False)`, then
   `model.apply({'params': p}, x, static, t, train=True, rngs={'dropout': k1, 'condition': k2})`.
   """
   m = config.model
+  head_gradient_scale = config.training.head_gradient_scale
+  if not head_gradient_scale >= 0:
+    raise ValueError(f'training.head_gradient_scale must be >= 0, got {head_gradient_scale!r}.')
   return HierarchicalUNet(
       n_classes=m.n_classes,
       base_channels=m.base_channels,
@@ -52,4 +56,5 @@ def create_model(config):
       cond_drop_rate=m.cond_drop_rate,
       attention_min_length=m.attention_min_length,
       s4_conv=s4_conv(config),
-      dtype=compute_dtype(config))
+      dtype=compute_dtype(config),
+      head_gradient_scale=head_gradient_scale)

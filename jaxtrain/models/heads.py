@@ -44,6 +44,24 @@ def module_name(task):
   return f'{task}_head'
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x, scale):
+  """x itself; its gradient multiplied by `scale` on the way back (the heads' into the trunk)."""
+  return x
+
+
+def _scale_gradient_forward(x, scale):
+  del scale
+  return x, None
+
+
+def _scale_gradient_backward(scale, _, gradient):
+  return (gradient * scale,)
+
+
+scale_gradient.defvjp(_scale_gradient_forward, _scale_gradient_backward)
+
+
 def bounded_log_scale(raw):
   """Smoothly bounds a raw log-scale to (-LOG_SCALE_BOUND, LOG_SCALE_BOUND); slope 1 at 0."""
   return raw * jax.lax.rsqrt(1.0 + (raw / LOG_SCALE_BOUND)**2)

@@ -138,6 +138,7 @@ class HierarchicalUNet(nn.Module):
   attention_min_length: int
   s4_conv: str = 'fft'
   dtype: Any = jnp.float32
+  head_gradient_scale: float = 1.0  # Multiplies the gradient the pooled heads send the trunk.
 
   def level_channels(self, level):
     return min(self.base_channels * 2**level, self.max_channels)
@@ -219,10 +220,13 @@ class HierarchicalUNet(nn.Module):
                        s4_conv, dtype, name=f'dec_{level}')(h, skips[level], cond, train)
     features = h[:, :length]  # [B, L, C_0]
 
+    head_features = (features if self.head_gradient_scale == 1.0
+                     else heads.scale_gradient(features, self.head_gradient_scale))
+
     def pooled(name, n_out, evidence=None):
       head = heads.PooledHead(n_out, self.head_hidden, self.dropout, dtype,
                               name=heads.module_name(name))
-      return head(features, x, static, train, evidence)
+      return head(head_features, x, static, train, evidence)
 
     def gaussian(name, evidence=None):  # (mean, bounded log-scale) [B, 2].
       out = pooled(name, 2, evidence)
