@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from jaxtrain import data
+from jaxtrain import evaluation
 from jaxtrain import inference
 from jaxtrain import losses
 from jaxtrain.models import heads
@@ -31,32 +32,28 @@ TASKS = {'latency': 'peak_latency', 'amplitude': 'peak_amplitude', 'class': 'lab
 EVAL_BATCH = 512
 
 
-def head_inputs(trained, task, split):
-  """(features [N, L, C] float16, x [N, L], static [N, 4]) the task's head reads, at step 0."""
-  x = np.asarray(split['signal'], np.float32)
-  static = np.asarray(split['static'], np.float32)
-  name = heads.module_name(task)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _head_features(model, task, params, x, static):
+  """The first input (features [B, L, C]) of the task's head in the model at step 0."""
+  name, captured = heads.module_name(task), []
 
   def capture(next_fun, args, kwargs, context):
     if context.module.name == name and context.method_name == '__call__':
       captured.append(args[0])
     return next_fun(*args, **kwargs)
 
-  @jax.jit
-  def features(x, static):
-    captured.clear()
-    with nn.intercept_methods(capture):
-      trained.model.apply({'params': trained.params}, x, static,
-                          jnp.zeros(x.shape[0], jnp.int32), train=False)
-    return captured[0]
+  with nn.intercept_methods(capture):
+    model.apply({'params': params}, x, static, jnp.zeros(x.shape[0], jnp.int32), train=False)
+  return captured[0]
 
-  captured, parts = [], []
-  for lo in range(0, len(x), EVAL_BATCH):
-    part_x, part_s = x[lo:lo + EVAL_BATCH], static[lo:lo + EVAL_BATCH]
-    pad = EVAL_BATCH - len(part_x)
-    out = features(np.pad(part_x, ((0, pad), (0, 0))), np.pad(part_s, ((0, pad), (0, 0))))
-    parts.append(np.asarray(out[:len(part_x)], np.float16))
-  return np.concatenate(parts), x, static
+
+def head_inputs(trained, task, split):
+  """(features [N, L, C] float16, x [N, L], static [N, 4]) the task's head reads, at step 0."""
+  x = np.asarray(split['signal'], np.float32)
+  static = np.asarray(split['static'], np.float32)
+  parts = [np.asarray(_head_features(trained.model, task, trained.params, *batch), np.float16)
+           for batch in inference.padded_batches(x, static)]
+  return np.concatenate(parts)[:len(x)], x, static
 
 
 def labelled(trained, task, split):
@@ -70,8 +67,8 @@ def labelled(trained, task, split):
 def score(trained, task, out, target):
   """MAE in the unit (latency ms, amplitude µV) or the class balanced accuracy."""
   if task == 'class':
-    pred = out.argmax(1)
-    return float(np.mean([np.mean(pred[target == c] == c) for c in np.unique(target)]))
+    cm = evaluation.confusion_matrix(target, out.argmax(1), out.shape[1])
+    return evaluation.class_scores(cm)['balanced_accuracy']
   to_units = functools.partial(trained.normalizer.to_units, TASKS[task])
   return float(np.mean(np.abs(to_units(out[:, 0]) - to_units(target))))
 
@@ -91,10 +88,15 @@ def make_loss(trained, task, class_weights):
   return loss
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(head, params, h, x, static):
+  return head.apply({'params': params}, h.astype(jnp.float32), x, static, False)
+
+
 def predict(head, params, split):
-  apply = jax.jit(lambda p, h, x, s: head.apply({'params': p}, h.astype(jnp.float32), x, s,
-                                                False))
-  return np.concatenate([np.asarray(apply(params, *(v[lo:lo + EVAL_BATCH] for v in split[:3])))
+  """The head's outputs [M, n_out] on a split's (features, x, static, ...) rows."""
+  return np.concatenate([np.asarray(_apply(head, params, *(v[lo:lo + EVAL_BATCH]
+                                                           for v in split[:3])))
                          for lo in range(0, len(split[0]), EVAL_BATCH)])
 
 
@@ -140,9 +142,7 @@ def main(argv=None):
   n_out = config.model.n_classes if task == 'class' else 2
   hidden = trained.model.head_hidden
   head = heads.PooledHead(n_out, hidden, config.model.dropout)
-  loss = make_loss(trained, task, jnp.asarray(ds.class_weights, jnp.float32)
-                   if config.loss.class_weights == 'balanced'
-                   else jnp.ones(config.model.n_classes))
+  loss = make_loss(trained, task, losses.class_weight_vector(config, ds.class_weights))
   batch = config.training.batch_size * config.training.accumulation_steps
   print(f'{args.workdir}, step {trained.step}: {task} head (hidden {hidden}), '
         f'{len(splits["train"][0])} training rows, batch {batch}, {args.epochs} epochs')

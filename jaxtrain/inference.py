@@ -63,7 +63,7 @@ class TrainedModel:
   def read_standardized(self, z, static_z):
     """`read` for per-trace standardised traces z [N, 200] and standardised statics [N, 4]."""
     outputs = [jax.device_get(_heads(self.model, self.params, *batch))
-               for batch in _padded_batches(np.asarray(z, np.float32),
+               for batch in padded_batches(np.asarray(z, np.float32),
                                             np.asarray(static_z, np.float32))]
     merged = {k: np.concatenate([o[k] for o in outputs])[:len(z)] for k in outputs[0]}
     return readings(merged, self.normalizer, self.config)
@@ -76,7 +76,7 @@ def _heads(model, params, x, static):
   return {k: v for k, v in out.items() if k != 'signal'}
 
 
-def _padded_batches(x, static):
+def padded_batches(x, static):
   """(x, static) in batches of BATCH_SIZE rows; the last one zero-padded, so one compile."""
   for lo in range(0, len(x), BATCH_SIZE):
     part_x, part_s = x[lo:lo + BATCH_SIZE], static[lo:lo + BATCH_SIZE]

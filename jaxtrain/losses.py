@@ -81,7 +81,8 @@ def _masked(values, mask):
   return jnp.sum(jnp.where(mask > 0, values, 0.0) * mask), jnp.sum(mask)
 
 
-def _class_weights(config, class_weights):
+def class_weight_vector(config, class_weights):
+  """[n_classes] weights of the focal loss: the train split's 'balanced' ones, or ones."""
   if config.loss.class_weights == 'none':
     return jnp.ones((config.model.n_classes,), jnp.float32)
   if config.loss.class_weights == 'balanced':
@@ -155,7 +156,7 @@ def loss_fn(params, model, batch, rng, config, class_weights, train, kernels=Non
                                       peak_mask, config.loss.nll_beta),
       'class': _masked(
           focal_loss(heads['class_logits'], batch['label'], config.loss.focal_alpha,
-                     config.loss.focal_gamma, _class_weights(config, class_weights)), mask),
+                     config.loss.focal_gamma, class_weight_vector(config, class_weights)), mask),
       'threshold': _threshold_term(config, heads['threshold'], batch['threshold'],
                                    mask * batch['threshold_mask']),
   }
