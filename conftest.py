@@ -17,3 +17,9 @@ if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
 
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxtrain_test_cache_')
+
+
+def pytest_configure(config):
+  # A donated buffer that no output can reuse costs its memory and a warning on every run:
+  # any program of the suite that donates one fails its test.
+  config.addinivalue_line('filterwarnings', 'error:Some donated buffers were not usable')

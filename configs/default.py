@@ -127,8 +127,10 @@ def get_config():
   # Multiplies the gradient the pooled task heads send into the shared trunk (their own
   # parameters' gradient is unchanged, the denoiser's path untouched; the forward pass is the
   # same, so inference ignores it). Below 1 the trunk serves the denoiser more: with
-  # head_learning_rate_scale = 30 and this at 1/30 the demo's denoiser beat the default's and
-  # its heads kept most of their gain (README, learning benchmark). 1 = plain backprop.
+  # head_learning_rate_scale = 30 and this at 1/30, on 2,038 patients, the val signal loss
+  # ended 17 % below the default's and the heads passed gradient boosting on 5 of 7 test
+  # metrics; on the demo its report passed 11 of 15 checks, the default 13 (README, learning
+  # benchmark). 1 = plain backprop.
   training.head_gradient_scale = 1.0
   training.b1 = 0.9  # AdamW beta1.
   training.b2 = 0.999  # AdamW beta2.

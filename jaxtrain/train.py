@@ -395,9 +395,11 @@ class Trainer:
       self._loop_mean_gradient = jax.jit(
           functools.partial(_loop_mean_gradient, model=self.model, config=config),
           out_shardings=self.replicated)
+      # The mean gradient is not donated: every output already reuses a buffer of the state or
+      # the metrics, so XLA could not use it and warned on every run.
       self._loop_apply = jax.jit(
           functools.partial(_loop_apply, tx=self.tx, config=config),
-          out_shardings=self.replicated, donate_argnums=(0, 1, 2, 3))
+          out_shardings=self.replicated, donate_argnums=(0, 1, 2))
       self._zeros_like = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree),
                                  out_shardings=self.replicated)
     self._eval = jax.jit(

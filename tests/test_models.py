@@ -237,13 +237,18 @@ def test_precomputed_s4d_kernels_give_the_same_outputs_and_gradient(tiny):
     out = model.apply(variables, x, static, t)
     return sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(out))
 
-  direct, direct_grad = jax.value_and_grad(loss)(params)
-  (given, (param_grad, kernel_grad)) = jax.value_and_grad(loss, argnums=(0, 1))(params, kernels)
+  def both(p, k):  # One program: run op by op, these passes took over a minute.
+    direct = jax.value_and_grad(loss)(p)
+    given, (param_grad, kernel_grad) = jax.value_and_grad(loss, argnums=(0, 1))(p, k)
+    _, pullback = jax.vjp(lambda q: model.s4_kernels(q, x.shape[1]), p)
+    return direct, given, param_grad, pullback(kernel_grad)[0]
+
+  (direct, direct_grad), given, param_grad, pulled = fast_jit(both, params, kernels)(params,
+                                                                                    kernels)
   np.testing.assert_allclose(given, direct, rtol=1e-6)
   # The S4D parameters reach the loss through the given kernels only.
   assert not np.asarray(param_grad['enc_0']['S4Block_0']['S4D_0']['forward_log_dt']).any()
-  _, pullback = jax.vjp(lambda p: model.s4_kernels(p, x.shape[1]), params)
-  total = jax.tree.map(jnp.add, param_grad, pullback(kernel_grad)[0])
+  total = jax.tree.map(jnp.add, param_grad, pulled)
   for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(direct_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
   # Kernels of another length are refused, not cut or padded by the FFT.
@@ -365,17 +370,21 @@ def test_head_gradient_scale_scales_only_what_the_heads_send_the_trunk():
   """Same outputs; a task head's loss gives the trunk `scale` x its gradient and the head its
   own; the denoiser's loss gives the trunk the same gradient at any scale; < 0 is refused."""
   config = convergence.get_config('test')
+  config.model.n_levels = 1  # Half the ops to compile; the heads read the trunk the same way.
   x, static, t = make_inputs()
   grads, outputs = {}, {}
   for scale in (1.0, 0.25):
     config.training.head_gradient_scale = scale
     model = models.create_model(config)
     params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x, static, t)
-    apply = lambda p: model.apply(p, x, static, t)
-    outputs[scale] = apply(params)
-    grads[scale] = {
-        'class': jax.grad(lambda p: jnp.sum(apply(p)['class_logits'][:, 1]))(params)['params'],
-        'signal': jax.grad(lambda p: jnp.sum(apply(p)['signal']**2))(params)['params']}
+
+    def outputs_and_grads(p, model=model):
+      apply = lambda q: model.apply(q, x, static, t)
+      return apply(p), {
+          'class': jax.grad(lambda q: jnp.sum(apply(q)['class_logits'][:, 1]))(p)['params'],
+          'signal': jax.grad(lambda q: jnp.sum(apply(q)['signal']**2))(p)['params']}
+
+    outputs[scale], grads[scale] = fast_jit(outputs_and_grads, params)(params)
   jax.tree.map(np.testing.assert_allclose, outputs[1.0], outputs[0.25])
   for name in grads[1.0]['class']:
     factor = 1.0 if name.endswith('_head') else 0.25
