@@ -28,7 +28,8 @@ from jaxtrain import inference
 from jaxtrain import losses
 from jaxtrain.models import heads
 
-TASKS = {'latency': 'peak_latency', 'amplitude': 'peak_amplitude', 'class': 'label'}
+# The probe's tasks and the batch key of their standardised target (heads.TASKS names heads).
+TARGETS = {'latency': 'peak_latency', 'amplitude': 'peak_amplitude', 'class': 'label'}
 EVAL_BATCH = 512
 
 
@@ -61,7 +62,7 @@ def labelled(trained, task, split):
   rows = (np.asarray(split['peak_mask']) > 0.5 if task != 'class'
           else np.ones(len(split['label']), bool))
   inputs = head_inputs(trained, task, split)
-  return tuple(v[rows] for v in inputs) + (np.asarray(split[TASKS[task]])[rows],)
+  return tuple(v[rows] for v in inputs) + (np.asarray(split[TARGETS[task]])[rows],)
 
 
 def score(trained, task, out, target):
@@ -69,7 +70,7 @@ def score(trained, task, out, target):
   if task == 'class':
     cm = evaluation.confusion_matrix(target, out.argmax(1), out.shape[1])
     return evaluation.class_scores(cm)['balanced_accuracy']
-  to_units = functools.partial(trained.normalizer.to_units, TASKS[task])
+  to_units = functools.partial(trained.normalizer.to_units, TARGETS[task])
   return float(np.mean(np.abs(to_units(out[:, 0]) - to_units(target))))
 
 
@@ -129,7 +130,7 @@ def train_head(head, loss, train, learning_rate, epochs, batch, seed):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='a finished run (its best checkpoint)')
-  parser.add_argument('--task', choices=sorted(TASKS), default='amplitude')
+  parser.add_argument('--task', choices=sorted(TARGETS), default='amplitude')
   parser.add_argument('--learning_rates', default='3e-4,3e-3,1e-2')
   parser.add_argument('--epochs', type=int, default=7)
   parser.add_argument('--seed', type=int, default=0)

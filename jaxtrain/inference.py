@@ -64,7 +64,7 @@ class TrainedModel:
     """`read` for per-trace standardised traces z [N, 200] and standardised statics [N, 4]."""
     outputs = [jax.device_get(_heads(self.model, self.params, *batch))
                for batch in padded_batches(np.asarray(z, np.float32),
-                                            np.asarray(static_z, np.float32))]
+                                           np.asarray(static_z, np.float32))]
     merged = {k: np.concatenate([o[k] for o in outputs])[:len(z)] for k in outputs[0]}
     return readings(merged, self.normalizer, self.config)
 

@@ -5,10 +5,10 @@ Every schedule here is a function of the optimizer-update count (one update per
 
 The optimizer is `MultiSteps(chain(clip, adamw))`, the task heads' AdamW updates multiplied by
 `training.head_learning_rate_scale` (their learning rate is that multiple of the schedule's), and
-its state is what checkpoints hold. The
-train step does not call `MultiSteps.update` once per micro-batch, though: it averages the
-micro-batch gradients of a whole update itself and calls `apply_accumulated`, which runs the
-inner chain once and leaves the state exactly as k MultiSteps calls would.
+its state is what checkpoints hold. The train step does not call `MultiSteps.update` once per
+micro-batch, though: it averages the micro-batch gradients of a whole update itself and calls
+`apply_accumulated`, which runs the inner chain once and leaves the state exactly as k
+MultiSteps calls would.
 """
 
 import math
