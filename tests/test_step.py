@@ -173,10 +173,10 @@ def test_bfloat16_training_tracks_float32(fused):
   assert _relative_difference(bf16.params, f32.params) > 0
 
 
-def test_auto_accumulation_loops_on_a_cpu_and_a_typo_is_refused():
+def test_auto_accumulation_scans_on_a_tpu_only_and_a_typo_is_refused():
   config = convergence.get_config()
   assert config.training.accumulate_with == 'auto'
-  assert train.accumulation_mode(config) == ('loop' if jax.default_backend() == 'cpu' else 'scan')
+  assert train.accumulation_mode(config) == ('scan' if jax.default_backend() == 'tpu' else 'loop')
   config.training.accumulate_with = 'skan'
   with pytest.raises(ValueError, match="Unknown training.accumulate_with 'skan'"):
     train.accumulation_mode(config)
@@ -188,3 +188,20 @@ def test_compile_workers_below_one_is_refused(setup):
   config.training.compile_workers = 0
   with pytest.raises(ValueError, match='training.compile_workers must be >= 1, got 0'):
     train.Trainer(config, '/nonexistent', trainer.ds)
+
+
+def test_host_built_initial_state_equals_the_jitted_one(setup, monkeypatch):
+  """On an accelerator the initial state is built on the host's CPU and copied to the mesh
+  (train._host_init_device); forced here on a CPU mesh, it must place the same values with the
+  mesh's replicated sharding."""
+  _, trainer, _ = setup
+  direct = trainer.init_state()
+  monkeypatch.setattr(train, '_host_init_device', lambda mesh: jax.devices('cpu')[0])
+  hosted = trainer.init_state()
+  abstract = trainer.abstract_state()  # What a resumed run restores into: the same tree.
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), hosted)
+  assert jax.tree.structure(hosted) == jax.tree.structure(direct)
+  for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(hosted)):
+    assert b.sharding.is_equivalent_to(trainer.replicated, b.ndim)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
