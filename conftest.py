@@ -6,10 +6,16 @@ environment). XLA:CPU's backend optimisation level 0 compiles them about 40 % fa
 tests compare runs made under the same flags, so their results do not depend on it. A
 persistent compilation cache shared by the whole session (subprocesses too) makes a program
 that several tests build, e.g. the `:test` preset's steps, compile once.
+
+The README's command runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`):
+most tests compile and run one small program at a time, about one core's work. Each module
+is one group, run by one worker, so that its module fixtures are built once.
 """
 
 import os
 import tempfile
+
+import pytest
 
 _FAST_COMPILE = '--xla_backend_optimization_level=0'
 if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
@@ -23,3 +29,16 @@ def pytest_configure(config):
   # A donated buffer that no output can reuse costs its memory and a warning on every run:
   # any program of the suite that donates one fails its test.
   config.addinivalue_line('filterwarnings', 'error:Some donated buffers were not usable')
+
+
+# The two modules whose fixtures run main.py subprocesses two at a time share a group: one
+# worker runs them one after the other, so that they never run four processes on two cores
+# (test_distributed's processes must exit within their time bounds).
+_GROUP = {'test_checkpoint': 'main_py_subprocesses', 'test_distributed': 'main_py_subprocesses'}
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the groups.
+def pytest_collection_modifyitems(items):
+  for item in items:
+    module = item.module.__name__.rsplit('.', 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(_GROUP.get(module, module)))
