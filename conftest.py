@@ -33,8 +33,10 @@ def pytest_configure(config):
 
 # The two modules whose fixtures run main.py subprocesses two at a time share a group: one
 # worker runs them one after the other, so that they never run four processes on two cores
-# (test_distributed's processes must exit within their time bounds).
-_GROUP = {'test_checkpoint': 'main_py_subprocesses', 'test_distributed': 'main_py_subprocesses'}
+# (test_distributed's processes must exit within their time bounds). The two that read the
+# session's trained `:test` run (tests/conftest.py) share one, so that it is trained once.
+_GROUP = {'test_checkpoint': 'main_py_subprocesses', 'test_distributed': 'main_py_subprocesses',
+          'test_head_probe': 'saved_test_run', 'test_predict': 'saved_test_run'}
 
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the groups.

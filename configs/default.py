@@ -122,8 +122,8 @@ def get_config():
   # at the rate itself. Logged LRs are the trunk's. A trade-off, measured (README, learning
   # benchmark): at 10-30 the heads of the demo model on 2,038 patients passed gradient boosting
   # on 6 of 7 test metrics (at 1: 2 of 7), but the shared trunk then served them at the
-  # denoiser's cost (val signal loss +6 %; on the demo's 160 patients +56 %, and its generated
-  # traces lost their shape: item 9's mean r 0.71 -> 0.16-0.25). 1 keeps the denoiser.
+  # denoiser's cost (val signal loss +6 %; on the demo's former 160 patients +56 %, and its
+  # generated traces lost their shape: item 9's mean r 0.71 -> 0.16-0.25). 1 keeps the denoiser.
   training.head_learning_rate_scale = 1.0
   # Multiplies the gradient the pooled task heads send into the shared trunk (their own
   # parameters' gradient is unchanged, the denoiser's path untouched; the forward pass is the

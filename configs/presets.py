@@ -2,10 +2,11 @@
 
 Both keep what makes a config itself: its optimizer chain, loss weights, accumulation and the
 schedule's shape in epochs (warm-up, cycle length, T_mult). They shrink the model, the data and
-the number of epochs, and run an update's micro-batches from the host
-(`training.accumulate_with='loop'`, the same update): on the 2-core CPU they are made for, it
-is faster and smaller than one fused call (demo, `benchmarks/step_time`: 1.01 s per update,
-28.3 s to compile, 1.47 GB peak, against 1.13 s, 33.0 s and 2.0 GB for 'vmap').
+the number of epochs (the demo also gives its validation and test splits larger shares), and
+run an update's micro-batches from the host (`training.accumulate_with='loop'`, the same
+update): on the 2-core CPU they are made for, it is faster and smaller than one fused call
+(demo, `benchmarks/step_time`: 1.01 s per update, 28.3 s to compile, 1.47 GB peak, against
+1.13 s, 33.0 s and 2.0 GB for 'vmap').
 """
 
 PRESETS = ('demo', 'test')
@@ -22,7 +23,13 @@ def apply(config, preset):
   if preset == 'demo':
     model.base_channels, model.n_levels, model.d_state = 16, 3, 16
     model.n_s4_layers, model.n_transformer_layers, model.n_heads = 1, 1, 4
-    config.data.synthetic.num_patients = 160
+    # 120 / 40 / 40 patients: the training split this preset had before (160 patients at
+    # 0.75 / 0.15 / 0.10), with validation and test splits large enough to score the heads. Its
+    # 16 test patients sat close to the median threshold (trivial MAE 5.9 dB per recording;
+    # 11.1-13.5 dB on three fresh draws of 40), so no predictor beat it by the checklist's 10 %
+    # (gradient boosting 5.9 dB, `benchmarks.learning`).
+    config.data.synthetic.num_patients = 200
+    config.data.train_ratio, config.data.val_ratio, config.data.test_ratio = 0.6, 0.2, 0.2
     # Its programs compile as fast one after another, in less than half the memory.
     config.training.compile_workers = 1
     # The warm-up and the first cosine cycle (3 + 15 epochs), ending at its lowest rate: two

@@ -21,7 +21,7 @@ def test_captured_inputs_give_the_runs_own_head_outputs(saved_test_run):
   probe = head_probe.predict(head, trained.params['amplitude_head'], rows)
   present = np.asarray(split['peak_mask']) > 0.5
   assert 0 < present.sum() == len(probe)
-  whole = trained.model.apply(
+  whole = jax.jit(trained.model.apply)(  # One program: op by op it takes a minute.
       {'params': trained.params}, jnp.asarray(split['signal'])[present],
       jnp.asarray(split['static'])[present], jnp.zeros(int(present.sum()), jnp.int32))
   np.testing.assert_allclose(probe[:, 0], whole['peak_amplitude'][:, 0], rtol=1e-3, atol=1e-4)
