@@ -33,14 +33,21 @@ def pytest_configure(config):
 
 # The two modules whose fixtures run main.py subprocesses two at a time share a group: one
 # worker runs them one after the other, so that they never run four processes on two cores
-# (test_distributed's processes must exit within their time bounds). The two that read the
-# session's trained `:test` run (tests/conftest.py) share one, so that it is trained once.
-_GROUP = {'test_checkpoint': 'main_py_subprocesses', 'test_distributed': 'main_py_subprocesses',
-          'test_head_probe': 'saved_test_run', 'test_predict': 'saved_test_run'}
+# (test_distributed's processes must exit within their time bounds).
+_GROUP = {'test_checkpoint': 'main_py_subprocesses', 'test_distributed': 'main_py_subprocesses'}
+# Every module with a test that reads this session fixture (a trained `:test` run,
+# tests/conftest.py) joins its group, so that one worker trains it once.
+_SHARED_RUN = 'saved_test_run'
+
+
+def _module(item):
+  return item.module.__name__.rsplit('.', 1)[-1]
 
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the groups.
 def pytest_collection_modifyitems(items):
+  sharing = {_module(item) for item in items if _SHARED_RUN in item.fixturenames}
   for item in items:
-    module = item.module.__name__.rsplit('.', 1)[-1]
-    item.add_marker(pytest.mark.xdist_group(_GROUP.get(module, module)))
+    module = _module(item)
+    group = _SHARED_RUN if module in sharing else _GROUP.get(module, module)
+    item.add_marker(pytest.mark.xdist_group(group))
