@@ -142,7 +142,7 @@ def main(argv=None):
   own_params = trained.params[heads.module_name(task)]
   n_out = config.model.n_classes if task == 'class' else 2
   hidden = trained.model.head_hidden
-  head = heads.PooledHead(n_out, hidden, config.model.dropout)
+  head = heads.PooledHead(n_out, hidden, config.model.head_dropout)
   loss = make_loss(trained, task, losses.class_weight_vector(config, ds.class_weights))
   batch = config.training.batch_size * config.training.accumulation_steps
   print(f'{args.workdir}, step {trained.step}: {task} head (hidden {hidden}), '

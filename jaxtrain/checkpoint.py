@@ -49,6 +49,8 @@ NUMERICS_KEYS = ('model.dtype', 'model.s4_conv')
 # Keys added with a default that trains differently: the value a config.json written before the
 # key existed stands for (the run trained without the feature).
 PREDATING_VALUES = {'loss.nll_beta': 0.0}
+# Keys split off another key later: a config.json without one stands for the other's value.
+PREDATING_SOURCES = {'model.head_dropout': 'model.dropout'}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -308,11 +310,15 @@ def _describe(differences):
   return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differences.items())
 
 
-def absent_key_values():
+def absent_key_values(saved=None):
   """configs/default.py as a config.json dict, each key at the value a saved config that lacks
-  it stands for: its default, or, where the default trains differently, PREDATING_VALUES'."""
+  it stands for: its default, or, where the default trains differently, PREDATING_VALUES', or
+  the value in `saved` (a config.json dict) of its PREDATING_SOURCES key."""
   config = default.get_config()
   config.update_from_flattened_dict(PREDATING_VALUES)
+  saved = flatten_config(saved or {})
+  config.update_from_flattened_dict({k: saved[source] for k, source in PREDATING_SOURCES.items()
+                                     if source in saved})
   return config_as_dict(config)
 
 
@@ -321,7 +327,7 @@ def check_resume_config(workdir, config):
 
   A key the saved config lacks (added to jaxtrain after the run started) is harmless at its
   default value in configs/default.py, which by convention keeps the earlier behaviour; where
-  it does not (PREDATING_VALUES), only at the value the run trained with.
+  it does not (PREDATING_VALUES, PREDATING_SOURCES), only at the value the run trained with.
 
   Raises:
     ValueError: listing the structural keys whose values differ from the saved config.json.
@@ -330,10 +336,13 @@ def check_resume_config(workdir, config):
   if saved is None:
     return
   differences = config_differences(saved, config_as_dict(config))
-  defaults = flatten_config(absent_key_values())
-  # A key added after the run was saved behaves, at its default, as the run did without it.
+  defaults = flatten_config(absent_key_values(saved))
+  predating = PREDATING_VALUES.keys() | PREDATING_SOURCES.keys()
+  # A key added after the run was saved behaves, at its default, as the run did without it
+  # (the keys of `predating`: at the value the run trained with, checked below).
   structural = {k: v for k, v in differences.items() if is_structural(k)
-                and not (v[0] is None and k in defaults and v[1] == defaults[k])}
+                and not (v[0] is None and k in defaults and (v[1] == defaults[k]
+                                                             or k in predating))}
   if structural:
     raise ValueError(
         f'{workdir} holds checkpoints of a run whose config differs in keys that change the '
@@ -341,7 +350,7 @@ def check_resume_config(workdir, config):
         f'{_describe(structural)}. Use a new --workdir, or the saved values '
         f'({os.path.join(workdir, CONFIG_FILE)}).')
   changed = {k: (defaults[k], v[1]) for k, v in differences.items()
-             if v[0] is None and k in PREDATING_VALUES and v[1] != defaults[k]}
+             if v[0] is None and k in predating and v[1] != defaults[k]}
   if changed:
     raise ValueError(
         f'{workdir} holds checkpoints of a run that predates {", ".join(changed)}, so it '
@@ -358,7 +367,9 @@ def check_init_config(path, config):
   saved = _read_config(path)
   if saved is None:
     return
-  differences = config_differences(saved.get('model', {}), config_as_dict(config)['model'])
+  # Keys added after that run was saved stand for what it did without them.
+  model = {**absent_key_values(saved)['model'], **saved.get('model', {})}
+  differences = config_differences(model, config_as_dict(config)['model'])
   if differences:
     raise ValueError(f'init_from={path}: its model config differs from this one: '
                      f'{_describe({"model." + k: v for k, v in differences.items()})}.')

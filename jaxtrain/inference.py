@@ -149,7 +149,8 @@ def load(workdir, step=None):
 
 def load_config(workdir):
   """The run's config.json over configs/default.py: keys it lacks get their default (logged),
-  or the value a run without them trained with (checkpoint.PREDATING_VALUES).
+  or the value a run without them trained with (checkpoint.PREDATING_VALUES, or the saved value
+  of the key in checkpoint.PREDATING_SOURCES).
 
   Raises:
     IncompatibleRunError: no config.json, or keys configs/default.py does not define.
@@ -160,7 +161,7 @@ def load_config(workdir):
                                'directory (train.py writes it when a run starts).')
   with open(path) as f:
     saved = json.load(f)
-  defaults = checkpoint.absent_key_values()
+  defaults = checkpoint.absent_key_values(saved)
   saved_flat, default_flat = checkpoint.flatten_config(saved), checkpoint.flatten_config(defaults)
   unknown = sorted(saved_flat.keys() - default_flat.keys())
   if unknown:
@@ -170,7 +171,8 @@ def load_config(workdir):
   filled = sorted(default_flat.keys() - saved_flat.keys())
   if filled:
     logging.info('%s predates the keys %s: using their defaults from configs/default.py, or '
-                 'what a run without them did (checkpoint.PREDATING_VALUES).',
+                 'what a run without them did (checkpoint.PREDATING_VALUES, '
+                 'checkpoint.PREDATING_SOURCES).',
                  path, ', '.join(f'{k}={default_flat[k]!r}' for k in filled))
   return ml_collections.ConfigDict(_merge(defaults, saved))
 

@@ -26,6 +26,7 @@ import pytest
 
 from configs import convergence
 from jaxtrain import checkpoint
+from jaxtrain import inference
 from jaxtrain import optim
 from jaxtrain import train
 from jaxtrain import writers
@@ -407,6 +408,26 @@ def test_run_saved_before_a_key_that_trains_differently_resumes_only_as_it_train
     checkpoint.check_resume_config(str(tmp_path), config)
   config[section][name] = value
   checkpoint.check_resume_config(str(tmp_path), config)
+
+
+def test_run_saved_before_head_dropout_resumes_at_its_model_dropout(tmp_path):
+  """model.head_dropout split off model.dropout: a config.json without it trained the heads at
+  its model.dropout, resumes only so, initialises only such a model, and loads so."""
+  config = convergence.get_config('test')
+  config.model.dropout = 0.3
+  saved = checkpoint.config_as_dict(config)
+  del saved['model']['head_dropout']
+  with open(tmp_path / checkpoint.CONFIG_FILE, 'w') as f:
+    json.dump(saved, f)
+  assert config.model.head_dropout == 0.15
+  with pytest.raises(ValueError, match=re.escape('--config.model.head_dropout=0.3')):
+    checkpoint.check_resume_config(str(tmp_path), config)
+  with pytest.raises(ValueError, match=re.escape('model.head_dropout: 0.3 -> 0.15')):
+    checkpoint.check_init_config(str(tmp_path), config)
+  config.model.head_dropout = 0.3
+  checkpoint.check_resume_config(str(tmp_path), config)
+  checkpoint.check_init_config(str(tmp_path), config)
+  assert inference.load_config(str(tmp_path)).model.head_dropout == 0.3
 
 
 def test_rewind_drops_rows_after_the_step_test_rows_and_a_torn_line(tmp_path):

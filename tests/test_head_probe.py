@@ -17,7 +17,7 @@ def test_captured_inputs_give_the_runs_own_head_outputs(saved_test_run):
   trained = inference.load(workdir)
   split = data.load_dataset(trained.config).val
   rows = head_probe.labelled(trained, 'amplitude', split)
-  head = heads.PooledHead(2, trained.model.head_hidden, trained.config.model.dropout)
+  head = heads.PooledHead(2, trained.model.head_hidden, trained.config.model.head_dropout)
   probe = head_probe.predict(head, trained.params['amplitude_head'], rows)
   present = np.asarray(split['peak_mask']) > 0.5
   assert 0 < present.sum() == len(probe)

@@ -144,6 +144,28 @@ def test_condition_dropout_reaches_the_model(tiny):
   np.testing.assert_allclose(apply(static), apply(static + 1.0), atol=1e-6)
 
 
+def test_head_dropout_reaches_only_the_pooled_heads(tiny):
+  """model.head_dropout = 1 zeroes every pooled head's hidden layer in training (its answer no
+  longer depends on the trace), and leaves the denoiser as it was without head dropout."""
+  _, params, _ = tiny
+  x, static, t = make_inputs()
+  rngs = {'dropout': jax.random.key(1), 'condition': jax.random.key(2)}
+
+  def outputs(head_dropout, trace):
+    config = convergence.get_config('test')
+    config.model.dropout, config.model.head_dropout = 0.0, head_dropout
+    model = models.create_model(config)
+    return fast_jit(lambda v: model.apply({'params': params}, v, static, t, train=True,
+                                          rngs=rngs), trace)(trace)
+
+  dropped, other = outputs(1.0, x), outputs(1.0, x + 1.0)
+  kept = outputs(0.0, x)
+  np.testing.assert_allclose(dropped['signal'], kept['signal'], rtol=1e-6, atol=1e-7)
+  for key in ('peak_exist', 'peak_latency', 'class_logits'):
+    np.testing.assert_array_equal(dropped[key], other[key])
+    assert not np.allclose(kept[key], dropped[key])
+
+
 def test_s4d_kernel_one_mode_matches_closed_form():
   """K_l = 2 Re(C (e^{dt A} - 1) / A e^{dt A l}) for A = -a + i w, as damped cosine/sine."""
   a, w, dt, c = 0.7, 3.0, 0.05, 0.8 - 0.3j

@@ -53,6 +53,7 @@ def create_model(config):
       n_transformer_layers=m.n_transformer_layers,
       n_heads=m.n_heads,
       dropout=m.dropout,
+      head_dropout=m.head_dropout,
       cond_drop_rate=m.cond_drop_rate,
       attention_min_length=m.attention_min_length,
       s4_conv=s4_conv(config),

@@ -136,6 +136,7 @@ class HierarchicalUNet(nn.Module):
   dropout: float
   cond_drop_rate: float
   attention_min_length: int
+  head_dropout: float  # Dropout on the pooled task heads' hidden layer.
   s4_conv: str = 'fft'
   dtype: Any = jnp.float32
   head_gradient_scale: float = 1.0  # Multiplies the gradient the pooled heads send the trunk.
@@ -224,7 +225,7 @@ class HierarchicalUNet(nn.Module):
                      else heads.scale_gradient(features, self.head_gradient_scale))
 
     def pooled(name, n_out, evidence=None):
-      head = heads.PooledHead(n_out, self.head_hidden, self.dropout, dtype,
+      head = heads.PooledHead(n_out, self.head_hidden, self.head_dropout, dtype,
                               name=heads.module_name(name))
       return head(head_features, x, static, train, evidence)
 
