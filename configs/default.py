@@ -133,7 +133,7 @@ def get_config():
   # same, so inference ignores it). Below 1 the trunk serves the denoiser more: with
   # head_learning_rate_scale = 30 and this at 1/30, on 2,038 patients, the val signal loss
   # ended 17 % below the default's and the heads passed gradient boosting on 5 of 7 test
-  # metrics (README, learning benchmark). The demo preset trains its heads at 10x, this at 0.1
+  # metrics (README, learning benchmark). The demo preset trains its heads at 10x, this at 0
   # and model.head_dropout 0.5 (configs/convergence.py). 1 = plain backprop.
   training.head_gradient_scale = 1.0
   training.b1 = 0.9  # AdamW beta1.
