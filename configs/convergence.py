@@ -26,7 +26,7 @@ def get_config(preset=''):
     # head dropout 0.15: val total 54 % above train, val class loss 5 epochs without a new best
     # after epoch 7). Heads at 10x the rate with dropout 0.5 on their hidden layer, reading the
     # trunk without training it (the denoiser alone does): val signal loss 0.293 (0.336 with a
-    # tenth of the heads' gradient, 0.435 with all of it), generated traces' mean r 0.81, val
+    # tenth of the heads' gradient, 0.435 with plain backprop), generated traces' mean r 0.81, val
     # total at most 22 % above train, 14 of 15 checks; the class pays (test balanced accuracy
     # 0.57; 0.67 with a tenth, 0.64 with plain backprop) (README, "The demo run").
     config.training.head_learning_rate_scale = 10.0
