@@ -310,6 +310,14 @@ def _describe(differences):
   return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differences.items())
 
 
+def merge_config(base, override):
+  """`base` with the leaves of `override` put in (nested dicts merged key by key)."""
+  out = dict(base)
+  for key, value in override.items():
+    out[key] = merge_config(base[key], value) if isinstance(value, dict) else value
+  return out
+
+
 def absent_key_values(saved=None):
   """configs/default.py as a config.json dict, each key at the value a saved config that lacks
   it stands for: its default, or, where the default trains differently, PREDATING_VALUES', or
@@ -368,7 +376,7 @@ def check_init_config(path, config):
   if saved is None:
     return
   # Keys added after that run was saved stand for what it did without them.
-  model = {**absent_key_values(saved)['model'], **saved.get('model', {})}
+  model = merge_config(absent_key_values(saved), saved)['model']
   differences = config_differences(model, config_as_dict(config)['model'])
   if differences:
     raise ValueError(f'init_from={path}: its model config differs from this one: '

@@ -174,15 +174,7 @@ def load_config(workdir):
                  'what a run without them did (checkpoint.PREDATING_VALUES, '
                  'checkpoint.PREDATING_SOURCES).',
                  path, ', '.join(f'{k}={default_flat[k]!r}' for k in filled))
-  return ml_collections.ConfigDict(_merge(defaults, saved))
-
-
-def _merge(base, override):
-  """`base` with the leaves of `override` put in (nested dicts merged key by key)."""
-  out = dict(base)
-  for key, value in override.items():
-    out[key] = _merge(base[key], value) if isinstance(value, dict) else value
-  return out
+  return ml_collections.ConfigDict(checkpoint.merge_config(defaults, saved))
 
 
 def load_normalizer(workdir):
