@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from jaxtrain import checkpoint
 from jaxtrain import models
 from jaxtrain import optim
+from jaxtrain import steps
 from jaxtrain import train
 
 config_flags.DEFINE_config_file('config', 'configs/convergence.py', 'Config whose state to save.')
@@ -39,10 +40,10 @@ def abstract_targets(config, sharding):
   """ShapeDtypeStructs of the checkpoint's (params, train item), placed with `sharding`."""
   model = models.create_model(config)
   tx = optim.create_optimizer(config, steps_per_epoch=1)  # Its length changes no shape.
-  state = jax.eval_shape(functools.partial(train.create_train_state, config, model, tx),
+  state = jax.eval_shape(functools.partial(steps.create_train_state, config, model, tx),
                          jax.random.PRNGKey(0))
   # pylint: disable-next=protected-access
-  metrics = jax.eval_shape(lambda: train.loss_metrics(train._empty_terms()))
+  metrics = jax.eval_shape(steps.empty_loss_metrics)
   state, metrics = (checkpoint.abstract_tree(t, sharding) for t in (state, metrics))
   return state.params, train.checkpoint_arrays(state, metrics, metrics)
 
@@ -77,7 +78,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per save.
   config = FLAGS.config
-  mesh = train.create_mesh()
+  mesh = steps.create_mesh()
   sharding = jax.NamedSharding(mesh, jax.P())
   abstract_params, abstract_arrays = abstract_targets(config, sharding)
   params, arrays = random_like(abstract_params), random_like(abstract_arrays, seed=1)

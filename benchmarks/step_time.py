@@ -96,7 +96,7 @@ def measure(size, conv, accumulate, dtype, updates):
   import jax  # pylint: disable=g-import-not-at-top
   from configs import convergence  # pylint: disable=g-import-not-at-top
   from jaxtrain import data  # pylint: disable=g-import-not-at-top
-  from jaxtrain import train  # pylint: disable=g-import-not-at-top
+  from jaxtrain import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
   if size == 'convergence' and jax.default_backend() == 'cpu':
     updates = min(updates, 3)  # About 22 s each on the 2-core CPU.
@@ -106,7 +106,7 @@ def measure(size, conv, accumulate, dtype, updates):
     config.training.accumulate_with = accumulate
   full_updates_per_epoch = _updates_per_epoch(config)
   config.data.synthetic.num_patients = 24  # The batch content does not change the cost.
-  trainer = train.Trainer(config, tempfile.mkdtemp(), data.load_dataset(config))
+  trainer = trainer_lib.Trainer(config, tempfile.mkdtemp(), data.load_dataset(config))
   start = time.perf_counter()
   state = jax.block_until_ready(trainer.init_state())
   init_s = time.perf_counter() - start

@@ -5,6 +5,7 @@ import pytest
 from configs import convergence
 from jaxtrain import data
 from jaxtrain import train
+from jaxtrain import trainer as trainer_lib
 
 
 @pytest.fixture(scope='session')
@@ -23,4 +24,4 @@ def saved_test_run(tmp_path_factory):
 def trainer():
   """A 1-device Trainer of the tiny preset (for abstract targets; nothing is compiled)."""
   config = convergence.get_config('test')
-  return train.Trainer(config, '/nonexistent', data.load_dataset(config))
+  return trainer_lib.Trainer(config, '/nonexistent', data.load_dataset(config))

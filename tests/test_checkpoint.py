@@ -50,18 +50,18 @@ _DRIVER = r'''
 import os, runpy, signal, sys
 import numpy as np
 from orbax.checkpoint._src.path import atomicity
-from jaxtrain import data, train
+from jaxtrain import data, trainer
 
 if os.environ.get('JT_SIGNAL_AT'):
   at, name = os.environ['JT_SIGNAL_AT'].split(':')
-  update, calls = train.Trainer.train_update, [0]
+  update, calls = trainer.Trainer.train_update, [0]
   def train_update(self, *args):
     out = update(self, *args)
     calls[0] += 1
     if calls[0] == int(at):
       os.kill(os.getpid(), getattr(signal, name))
     return out
-  train.Trainer.train_update = train_update
+  trainer.Trainer.train_update = train_update
 
 if os.environ.get('JT_KILL_IN_SAVE'):
   finalize, commits = atomicity.AtomicRenameTemporaryPath.finalize, [0]
@@ -93,10 +93,10 @@ import sys
 import jax
 import numpy as np
 from configs import convergence
-from jaxtrain import checkpoint, data, train
+from jaxtrain import checkpoint, data, train, trainer as trainer_lib
 assert jax.device_count() == 8
 config = convergence.get_config('test')
-trainer = train.Trainer(config, sys.argv[1], data.load_dataset(config))
+trainer = trainer_lib.Trainer(config, sys.argv[1], data.load_dataset(config))
 abstract_params, abstract_arrays = train._abstract_targets(trainer)
 rng = np.random.default_rng(0)
 def fill(s):

@@ -252,7 +252,7 @@ def test_precomputed_s4d_kernels_give_the_same_outputs_and_gradient(tiny):
   x, static, t = make_inputs()
   kernels = model.s4_kernels(params, x.shape[1])
   lengths = {leaf.shape[-1] for leaf in jax.tree.leaves(kernels)}
-  assert lengths == {200, 100, 50}  # 2 levels: 200 padded to 200, then 100; bottleneck 50.
+  assert lengths == {200, 100}  # One level at 200 steps; the bottleneck at 100.
 
   def loss(p, k=None):
     variables = {'params': p} if k is None else {'params': p, s4.KERNELS: k}
@@ -279,9 +279,10 @@ def test_precomputed_s4d_kernels_give_the_same_outputs_and_gradient(tiny):
 
 
 @pytest.mark.parametrize('conv', ['matmul', 'mixed'])
-def test_model_with_matmul_or_mixed_s4d_gives_the_fft_outputs(tiny, conv):
-  """'mixed' convolves the 50-step bottleneck by matmul and the 100- and 200-step levels by
-  FFT: the outputs are the all-FFT model's."""
+def test_model_with_matmul_or_mixed_s4d_gives_the_fft_outputs(tiny, conv, monkeypatch):
+  """'mixed' convolves the 100-step bottleneck by matmul (its bound raised from 64 for the
+  tiny model) and the 200-step level by FFT: the outputs are the all-FFT model's."""
+  monkeypatch.setattr(s4, 'MATMUL_MAX_LENGTH', 100)
   model, params, _ = tiny
   x, static, t = make_inputs()
   outputs = {}
@@ -388,23 +389,21 @@ def test_pooled_head_reads_the_static_values_and_the_trace_directly():
     assert float(jnp.min(jnp.max(jnp.abs(changed - base), axis=1))) > 1e-6
 
 
-def test_head_gradient_scale_scales_only_what_the_heads_send_the_trunk():
+def test_head_gradient_scale_scales_only_what_the_heads_send_the_trunk(tiny):
   """Same outputs; a task head's loss gives the trunk `scale` x its gradient and the head its
   own; the denoiser's loss gives the trunk the same gradient at any scale; < 0 is refused."""
-  config = convergence.get_config('test')
-  config.model.n_levels = 1  # Half the ops to compile; the heads read the trunk the same way.
+  tiny_model, params, _ = tiny
+  assert tiny_model.head_gradient_scale == 1.0
   x, static, t = make_inputs()
   grads, outputs = {}, {}
   for scale in (1.0, 0.25):
-    config.training.head_gradient_scale = scale
-    model = models.create_model(config)
-    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x, static, t)
+    model = tiny_model.clone(head_gradient_scale=scale)
 
     def outputs_and_grads(p, model=model):
-      apply = lambda q: model.apply(q, x, static, t)
+      apply = lambda q: model.apply({'params': q}, x, static, t)
       return apply(p), {
-          'class': jax.grad(lambda q: jnp.sum(apply(q)['class_logits'][:, 1]))(p)['params'],
-          'signal': jax.grad(lambda q: jnp.sum(apply(q)['signal']**2))(p)['params']}
+          'class': jax.grad(lambda q: jnp.sum(apply(q)['class_logits'][:, 1]))(p),
+          'signal': jax.grad(lambda q: jnp.sum(apply(q)['signal']**2))(p)}
 
     outputs[scale], grads[scale] = fast_jit(outputs_and_grads, params)(params)
   jax.tree.map(np.testing.assert_allclose, outputs[1.0], outputs[0.25])
@@ -415,6 +414,7 @@ def test_head_gradient_scale_scales_only_what_the_heads_send_the_trunk():
   assert any(np.abs(v).max() > 0 for v in jax.tree.leaves(grads[1.0]['class']['dec_0']))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8),
                grads[1.0]['signal'], grads[0.25]['signal'])
+  config = convergence.get_config('test')
   config.training.head_gradient_scale = -1.0
   with pytest.raises(ValueError, match='head_gradient_scale'):
     models.create_model(config)

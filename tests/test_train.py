@@ -15,6 +15,7 @@ import pytest
 from configs import convergence
 from jaxtrain import monitors
 from jaxtrain import optim
+from jaxtrain import steps
 from jaxtrain import train
 from jaxtrain import writers
 
@@ -142,11 +143,11 @@ def test_metrics_file_rows_are_means_and_totals_are_weighted_sums(tiny_run):
   rows = writers.read_metrics(workdir)
   info = json.load(open(os.path.join(workdir, 'run_info.json')))
   spe = info['steps_per_epoch']
-  weights = train.loss_weights(config)
-  keys = [f'loss/{t}' for t in train.TERMS]
+  weights = steps.loss_weights(config)
+  keys = [f'loss/{t}' for t in steps.TERMS]
   for row in rows:
     assert {'step', 'epoch', 'split', 'loss/total', *keys} <= set(row), row
-    expected = sum(weights[t] * row[f'loss/{t}'] for t in train.TERMS)
+    expected = sum(weights[t] * row[f'loss/{t}'] for t in steps.TERMS)
     assert row['loss/total'] == pytest.approx(expected, rel=1e-6)
   window = [r for r in rows if r['split'] == 'train' and r['scope'] == 'window']
   every = config.training.log_every_steps
