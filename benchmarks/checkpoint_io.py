@@ -42,7 +42,6 @@ def abstract_targets(config, sharding):
   tx = optim.create_optimizer(config, steps_per_epoch=1)  # Its length changes no shape.
   state = jax.eval_shape(functools.partial(steps.create_train_state, config, model, tx),
                          jax.random.PRNGKey(0))
-  # pylint: disable-next=protected-access
   metrics = jax.eval_shape(steps.empty_loss_metrics)
   state, metrics = (checkpoint.abstract_tree(t, sharding) for t in (state, metrics))
   return state.params, train.checkpoint_arrays(state, metrics, metrics)

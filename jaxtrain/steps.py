@@ -96,7 +96,6 @@ def empty_loss_metrics():
   return loss_metrics({t: (zero, zero) for t in TERMS})
 
 
-
 def summarize(collection, weights):
   """Host dict {'loss/<term>': mean, 'loss/total': sum_k w_k mean_k} of a LossMetrics.
 
@@ -306,7 +305,7 @@ def apply_update(state, window, epoch_acc, grads, terms, grads_bad, *, tx, confi
 
 
 def loop_micro_step(grad_sum, params, kernels, rng, step, batches, i, *, model, config,
-                     class_weights):
+                    class_weights):
   """Micro-step `i` of an update under accumulate_with='loop': adds the `micro_gradient` of
   batches[i] to `grad_sum` (donated), with the key `train_step` gives it."""
   batch = jax.tree.map(lambda x: x[i], batches)

@@ -105,8 +105,8 @@ class _Run:
   @classmethod
   def restored(cls, config, params, arrays, meta):
     t = config.training
-    state = steps.TrainState(step=arrays['step'], params=params, opt_state=arrays['opt_state'],
-                       rng=arrays['rng'])
+    state = steps.TrainState(step=arrays['step'], params=params,
+                             opt_state=arrays['opt_state'], rng=arrays['rng'])
     stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
                             **meta['early_stopping'])
     return cls(state, arrays['window'], arrays['epoch_metrics'], meta['epoch'],

@@ -415,6 +415,8 @@ def test_head_gradient_scale_scales_only_what_the_heads_send_the_trunk(tiny):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8),
                grads[1.0]['signal'], grads[0.25]['signal'])
   config = convergence.get_config('test')
+  config.training.head_gradient_scale = 0.25
+  assert models.create_model(config).head_gradient_scale == 0.25  # The config reaches it.
   config.training.head_gradient_scale = -1.0
   with pytest.raises(ValueError, match='head_gradient_scale'):
     models.create_model(config)
