@@ -4,7 +4,8 @@
 
 The state is what `train_and_evaluate` checkpoints for the config (full model sizes by
 default): the parameters, the `train` item (MultiSteps accumulator, AdamW moments, schedule
-state, step, RNG key, loss accumulators) and a small JSON `meta`, saved and restored with
+state, step, RNG key, loss accumulators; the raw parameters besides when the config keeps a
+moving average of them) and a small JSON `meta`, saved and restored with
 `jaxtrain.checkpoint.Checkpoints` exactly as in training, replicated over the current mesh.
 The shapes come from `jax.eval_shape` of the real initialisation, and every float buffer is
 filled with random values as in a trained run (a fresh state's all-zero moments would compress
@@ -44,7 +45,7 @@ def abstract_targets(config, sharding):
                          jax.random.PRNGKey(0))
   metrics = jax.eval_shape(steps.empty_loss_metrics)
   state, metrics = (checkpoint.abstract_tree(t, sharding) for t in (state, metrics))
-  return state.params, train.checkpoint_arrays(state, metrics, metrics)
+  return state.eval_params, train.checkpoint_arrays(state, metrics, metrics)
 
 
 def random_like(abstract, seed=0):

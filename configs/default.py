@@ -144,6 +144,14 @@ def get_config():
   training.restart_epochs = 15  # T_0: length of the first cosine cycle after warm-up.
   training.restart_mult = 1  # T_mult: each cycle is this many times longer than the last.
   training.min_learning_rate = 1e-8  # eta_min: the learning rate at the end of each cycle.
+  # Decay per optimizer update, in [0, 1), of a moving average of the parameters: the mean of
+  # the parameters after each update so far weighted by decay^age (about the last
+  # 1 / (1 - decay) updates; the initialisation weighs nothing). Validation (so early stopping
+  # and the best checkpoint), the test split, init_from and inference use it; AdamW trains the
+  # raw parameters, and the train rows of the logs are theirs. 0: no average. A run resumes
+  # under another nonzero value, not with the average switched on or off (the saved tree
+  # differs). The demo preset sets 0.98 (configs/convergence.py).
+  training.ema_decay = 0.0
   training.log_every_steps = 10  # Console/TensorBoard/metrics.jsonl every N optimizer updates.
   training.early_stopping_patience = 25  # Epochs without val improvement before stopping.
   training.early_stopping_min_delta = 1e-6  # Improvement of the val total that counts.

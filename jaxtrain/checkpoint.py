@@ -6,10 +6,12 @@ epoch's bookkeeping when `s` ends an epoch); a run resumed from it continues wit
 `s + 1`. Rows of metrics.jsonl with `step <= s` were written before checkpoint `s` was saved.
 
 A checkpoint has three items:
-  * `params`: the model parameters alone, so evaluation and fine-tuning read no optimizer state;
+  * `params`: the model parameters alone, so evaluation and fine-tuning read no optimizer state
+    (their moving average when `training.ema_decay` > 0);
   * `train`: every other array of the loop (micro-step count, RNG key, the full optax state with
-    the MultiSteps accumulator, AdamW moments, schedule count and applied learning rate, and the
-    logging-window and epoch loss accumulators);
+    the MultiSteps accumulator, AdamW moments, schedule count and applied learning rate, the
+    logging-window and epoch loss accumulators, and, with a moving average of the parameters
+    (`training.ema_decay` > 0), the raw parameters AdamW trains, under `params`);
   * `meta`: JSON of the host-side state (data position, early stopping, monitor history).
 Epoch-end checkpoints carry the validation total as their orbax metric. Retention keeps the
 latest `keep` checkpoints and, besides, the one with the lowest validation total.
@@ -43,6 +45,9 @@ ITEMS = ('params', 'train', 'meta')
 # (a prefix ending in '.' covers its whole section). A run does not resume under a config that
 # differs in one of them; other differences (epochs, logging, learning rate...) are logged.
 STRUCTURAL_KEYS = ('model.', 'data.', 'training.batch_size', 'training.accumulation_steps')
+# Keys that add arrays to the saved tree when nonzero: a run resumes under another nonzero
+# value, not with the feature switched on or off.
+SWITCH_KEYS = ('training.ema_decay',)
 # How the model computes, not what it holds: a run may resume under another value (e.g. on a
 # CPU after a bfloat16 TPU run), and configs saved before these keys existed still resume.
 NUMERICS_KEYS = ('model.dtype', 'model.s4_conv')
@@ -293,6 +298,11 @@ def is_structural(key):
   return any(key == k or (k.endswith('.') and key.startswith(k)) for k in STRUCTURAL_KEYS)
 
 
+def switches(key, saved, requested):
+  """Whether changing SWITCH_KEYS member `key` from `saved` to `requested` turns it on or off."""
+  return key in SWITCH_KEYS and bool(saved) != bool(requested)
+
+
 def config_as_dict(config):
   """The JSON form of a ConfigDict, as `config.json` holds it."""
   return json.loads(config.to_json_best_effort())
@@ -351,10 +361,12 @@ def check_resume_config(workdir, config):
   structural = {k: v for k, v in differences.items() if is_structural(k)
                 and not (v[0] is None and k in defaults and (v[1] == defaults[k]
                                                              or k in predating))}
+  structural.update({k: v for k, v in differences.items()
+                     if switches(k, defaults.get(k) if v[0] is None else v[0], v[1])})
   if structural:
     raise ValueError(
         f'{workdir} holds checkpoints of a run whose config differs in keys that change the '
-        f'saved shapes or the data position, so it cannot resume under this config: '
+        f'saved arrays or the data position, so it cannot resume under this config: '
         f'{_describe(structural)}. Use a new --workdir, or the saved values '
         f'({os.path.join(workdir, CONFIG_FILE)}).')
   changed = {k: (defaults[k], v[1]) for k, v in differences.items()

@@ -6,7 +6,8 @@
 
 A workdir holds what this needs: `config.json` (the run's config), `normalizer.json` (the
 training split's standardisation of the statics and targets; runs written before that file
-existed have it in `run_info.json`) and `checkpoints/` (orbax, `params` item). A config saved
+existed have it in `run_info.json`) and `checkpoints/` (orbax, `params` item: the moving
+average of the parameters when the run kept one, `training.ema_decay`). A config saved
 before a key existed gets the key's default from configs/default.py (logged); a config with a
 key this version does not know, or a checkpoint whose parameters do not fit the model that
 config builds, is refused with `IncompatibleRunError` naming the keys or parameters.

@@ -40,6 +40,14 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: optax.MultiStepsState
   rng: jax.Array  # uint32 [2]: base key of the per-micro-step keys.
+  # Exponential moving average of `params` when training.ema_decay > 0, else None. Where it
+  # exists, evaluation, the best checkpoint and inference use it (`eval_params`).
+  ema_params: Any = None
+
+  @property
+  def eval_params(self):
+    """The parameters to evaluate and save for use: the moving average where there is one."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 @flax.struct.dataclass
@@ -133,7 +141,26 @@ def create_train_state(config, model, tx, rng):
                          jnp.zeros((1,), jnp.int32), train=False)
   params = variables['params']
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=step_rng)
+                    rng=step_rng, ema_params=initial_ema(config, params))
+
+
+def initial_ema(config, params):
+  """The moving average at the start of training: a copy of `params` (its own buffers, as the
+  step donates both), or None when training.ema_decay is 0."""
+  decay = config.training.ema_decay
+  if not 0 <= decay < 1:
+    raise ValueError(f'training.ema_decay must be in [0, 1), got {decay}.')
+  return jax.tree.map(jnp.copy, params) if decay > 0 else None
+
+
+def ema_rate(decay, updates):
+  """The weight of the previous average in the average after optimizer update `updates` (n,
+  1-based), the new parameters having the rest: decay (1 - decay^(n-1)) / (1 - decay^n). The
+  average is then the mean of the n updates' parameters weighted by decay^(n - i), the
+  initialisation weighing nothing (Adam's bias correction applied to the average; 0 at n = 1,
+  tending to `decay`)."""
+  n = updates.astype(jnp.float32)
+  return decay * (1 - decay ** (n - 1)) / (1 - decay ** n)
 
 
 def _micro_batch_rng(rng, step, i):
@@ -293,8 +320,12 @@ def apply_update(state, window, epoch_acc, grads, terms, grads_bad, *, tx, confi
 
   def apply(state):
     updates, opt_state = optim.apply_accumulated(tx, state.opt_state, grads, state.params)
-    return state.replace(step=state.step + k, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      rate = ema_rate(config.training.ema_decay, (state.step + k) // k)
+      ema = optax.incremental_update(params, ema, 1 - rate)
+    return state.replace(step=state.step + k, params=params, opt_state=opt_state, ema_params=ema)
 
   # One conditional over the whole state, not a select per leaf (which multiplied the compile
   # time): a bad update skips the optimizer entirely.

@@ -105,8 +105,10 @@ class _Run:
   @classmethod
   def restored(cls, config, params, arrays, meta):
     t = config.training
-    state = steps.TrainState(step=arrays['step'], params=params,
-                             opt_state=arrays['opt_state'], rng=arrays['rng'])
+    # With a moving average, the `params` item holds it and the `train` item the raw ones.
+    state = steps.TrainState(step=arrays['step'], params=arrays.get('params', params),
+                             opt_state=arrays['opt_state'], rng=arrays['rng'],
+                             ema_params=params if 'params' in arrays else None)
     stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
                             **meta['early_stopping'])
     return cls(state, arrays['window'], arrays['epoch_metrics'], meta['epoch'],
@@ -114,21 +116,26 @@ class _Run:
 
 
 def checkpoint_arrays(state, window, epoch_acc):
-  """The `train` item of a checkpoint: every array of the training loop but the parameters.
+  """The `train` item of a checkpoint: every array of the training loop but `eval_params`
+  (the `params` item).
 
   Args:
-    state: TrainState (its `step`, `opt_state` and `rng` are taken).
+    state: TrainState (its `step`, `opt_state` and `rng` are taken, and its `params` when it
+      has a moving average, which the `params` item then holds).
     window, epoch_acc: LossMetrics of the logging window and of the epoch.
   """
-  return {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng, 'window': window,
-          'epoch_metrics': epoch_acc}
+  arrays = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng,
+            'window': window, 'epoch_metrics': epoch_acc}
+  if state.ema_params is not None:
+    arrays['params'] = state.params
+  return arrays
 
 
 def _abstract_targets(trainer):
   """Abstract (params, train item) of this run, replicated over the current mesh."""
   state = checkpoint.abstract_tree(trainer.abstract_state(), trainer.replicated)
   metrics = checkpoint.abstract_tree(jax.eval_shape(trainer.empty_metrics), trainer.replicated)
-  return state.params, checkpoint_arrays(state, metrics, metrics)
+  return state.eval_params, checkpoint_arrays(state, metrics, metrics)
 
 
 def _start(config, trainer, ckpt, abstract_params, abstract_arrays):
@@ -149,7 +156,7 @@ def _start(config, trainer, ckpt, abstract_params, abstract_arrays):
   if config.init_from:
     checkpoint.check_init_config(config.init_from, config)
     step, params = checkpoint.load_best_params(config.init_from, abstract_params)
-    state = state.replace(params=params)
+    state = state.replace(params=params, ema_params=steps.initial_ema(config, params))
     logging.info('Initialised the parameters from the best checkpoint (%d) of %s; the optimizer '
                  'starts fresh.', step, config.init_from)
   t = config.training
@@ -286,7 +293,7 @@ class _Loop:
     _check_finite(run.epoch_acc, t.accumulation_steps)
     train_scalars = steps.summarize(run.epoch_acc, self.trainer.weights)
     self.writer.write(update, epoch, 'train', 'epoch', dict(train_scalars, lr=lr))
-    val_scalars, _ = self.trainer.evaluate(run.state.params, 'val')
+    val_scalars, _ = self.trainer.evaluate(run.state.eval_params, 'val')
     self.writer.write(update, epoch, 'val', 'epoch', dict(val_scalars, lr=lr))
     for split, scalars in (('train', train_scalars), ('val', val_scalars)):
       row = dict(scalars, epoch=epoch, split=split, lr=lr)
@@ -310,17 +317,17 @@ class _Loop:
     run, accumulation = self.run, self.config.training.accumulation_steps
     _check_finite(run.window, accumulation)
     _check_finite(run.epoch_acc, accumulation)
-    self.ckpt.save(self.update, run.state.params, run.arrays(), run.meta(), val_total)
+    self.ckpt.save(self.update, run.state.eval_params, run.arrays(), run.meta(), val_total)
     self.last_save = time.monotonic()
 
 
 def _final_params(ckpt, run, abstract_params):
-  """Parameters of the best checkpoint (lowest val total), else the last ones."""
+  """Parameters of the best checkpoint (lowest val total), else the last ones (`eval_params`)."""
   ckpt.manager.wait_until_finished()
   best = ckpt.best_params(abstract_params)
   if best is None:
     logging.warning('No checkpoint with a finite validation total: testing the last parameters.')
-    return run.state.params
+    return run.state.eval_params
   logging.info('Testing the parameters of the best checkpoint, %d.', best[0])
   return best[1]
 

@@ -29,6 +29,7 @@ from jaxtrain import checkpoint
 from jaxtrain import inference
 from jaxtrain import optim
 from jaxtrain import train
+from jaxtrain import trainer as trainer_lib
 from jaxtrain import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,6 +291,7 @@ def test_resume_under_a_shape_changing_config_is_refused(runs, tmp_path):
 def test_init_from_loads_only_the_best_parameters(runs, trainer, tmp_path):
   config = convergence.get_config('test')
   config.init_from = runs['reference']
+  config.training.ema_decay = 0.9  # The average starts at the loaded parameters too.
   abstract_params, abstract_arrays = _targets(trainer)
   ckpt = checkpoint.Checkpoints(str(tmp_path / 'fresh'), keep=1)
   try:
@@ -301,12 +303,36 @@ def test_init_from_loads_only_the_best_parameters(runs, trainer, tmp_path):
   val = {r['step']: r['loss/total'] for r in writers.read_metrics(runs['reference'])
          if r['split'] == 'val'}
   assert best_step == min(val, key=val.get)
-  assert _same_bits(run.state.params, best)
+  assert _same_bits(run.state.params, best) and _same_bits(run.state.ema_params, best)
   assert int(run.state.step) == 0 and int(optim.update_count(run.state.opt_state)) == 0
   assert all(not np.asarray(m).any() for m in jax.tree.leaves(run.state.opt_state.acc_grads))
   config.model.n_heads = 4
   with pytest.raises(ValueError, match=r'model.n_heads: 2 -> 4'):
     checkpoint.check_init_config(runs['reference'], config)
+
+
+def test_moving_average_is_saved_as_the_params_item_and_both_resume(trainer, tmp_path):
+  """With training.ema_decay > 0 the `params` item (evaluation, the best checkpoint, inference,
+  init_from) holds the average and the `train` item the raw parameters the optimizer trains."""
+  config = convergence.get_config('test')
+  config.training.ema_decay = 0.9
+  trainer_ = trainer_lib.Trainer(config, str(tmp_path), trainer.ds)
+  targets = _targets(trainer_)
+  ckpt = checkpoint.Checkpoints(str(tmp_path), keep=1)
+  try:
+    run = train._start(config, trainer_, ckpt, *targets)  # pylint: disable=protected-access
+    assert _same_bits(run.state.params, run.state.ema_params)
+    run.state = run.state.replace(
+        ema_params=jax.tree.map(lambda p: p + 1, run.state.params))
+    train._Loop(config, trainer_, ckpt, None, run, None)._save()  # pylint: disable=protected-access
+    ckpt.manager.wait_until_finished()
+    step, saved_params, _, _ = ckpt.restore_latest(*targets)
+    resumed = train._start(config, trainer_, ckpt, *targets)  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
+  assert step == 0 and _same_bits(saved_params, run.state.ema_params)
+  assert _same_bits(resumed.state.params, run.state.params)
+  assert _same_bits(resumed.state.ema_params, run.state.ema_params)
 
 
 def test_best_checkpoint_survives_retention_and_restarts(tmp_path):
@@ -367,6 +393,26 @@ def test_config_differences_are_classified():
   assert checkpoint.is_structural('training.batch_size')
   assert not checkpoint.is_structural('training.batch_size_x')
   assert not checkpoint.is_structural('training.eval_batch_size')
+
+
+def test_moving_average_resumes_under_another_decay_but_not_switched(tmp_path, caplog):
+  config = convergence.get_config('test')
+  saved = checkpoint.config_as_dict(config)
+  del saved['training']['ema_decay']  # A run from before the key: it kept no average.
+  with open(tmp_path / checkpoint.CONFIG_FILE, 'w') as f:
+    json.dump(saved, f)
+  config.training.ema_decay = 0.98
+  with pytest.raises(ValueError, match='training.ema_decay: None -> 0.98'):
+    checkpoint.check_resume_config(str(tmp_path), config)
+  saved['training']['ema_decay'] = 0.9
+  with open(tmp_path / checkpoint.CONFIG_FILE, 'w') as f:
+    json.dump(saved, f)
+  with caplog.at_level('WARNING'):
+    checkpoint.check_resume_config(str(tmp_path), config)  # Another decay: the same tree.
+  assert 'training.ema_decay: 0.9 -> 0.98' in caplog.text
+  config.training.ema_decay = 0.0
+  with pytest.raises(ValueError, match='training.ema_decay: 0.9 -> 0.0'):
+    checkpoint.check_resume_config(str(tmp_path), config)
 
 
 def test_config_saved_before_the_numerics_keys_still_resumes(tmp_path, caplog):

@@ -2,8 +2,9 @@
 dispatch per optimizer update.
 
 It must equal what the optimizer chain the config names, MultiSteps(chain(clip, adamw)), does
-when fed one micro-batch gradient at a time; skip an update with a non-finite micro-batch as a
-whole; and train in bfloat16 close to float32.
+when fed one micro-batch gradient at a time; keep the moving average of the parameters the
+config asks for; skip an update with a non-finite micro-batch as a whole; and train in bfloat16
+close to float32.
 """
 
 import jax
@@ -20,6 +21,7 @@ from jaxtrain import train
 from jaxtrain import trainer as trainer_lib
 
 UPDATES = 3
+EMA_DECAY = 0.5  # The fused runs keep a moving average of the parameters.
 # Per compile, as in test_models: these tiny programs compile in half the time.
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
@@ -34,7 +36,7 @@ def _config(**training):
 
 @pytest.fixture(scope='module')
 def setup():
-  config = _config()
+  config = _config(ema_decay=EMA_DECAY)
   trainer = trainer_lib.Trainer(config, '/nonexistent', data.load_dataset(config))
   updates = [b for _, b in zip(range(UPDATES), trainer.train_batches(epoch=1, start=0))]
   return config, trainer, updates
@@ -45,11 +47,12 @@ def _compile(fun, *args):
 
 
 def _fused_run(trainer, config, updates, dtype='float32', accumulate_with='vmap'):
-  """Params, opt state and per-update loss totals after the updates, by the fused step."""
+  """(state, per-update loss totals, the step, the parameters after each update) of the
+  updates by the fused step."""
   config = config.copy_and_resolve_references()
   config.model.dtype, config.training.accumulate_with = dtype, accumulate_with
   fused = trainer_lib.Trainer(config, '/nonexistent', trainer.ds)
-  state, totals = fused.init_state(), []
+  state, totals, history = fused.init_state(), [], []
   step = None
   for batches in updates:
     window = fused.empty_metrics()
@@ -58,7 +61,9 @@ def _fused_run(trainer, config, updates, dtype='float32', accumulate_with='vmap'
               _compile(fused._train, state, window, fused.empty_metrics(), batches))  # pylint: disable=protected-access
     state, window, _ = step(state, window, fused.empty_metrics(), batches)
     totals.append(steps.summarize(window, fused.weights))
-  return state, totals, step
+    # A copy: on a CPU device_get may alias the buffer that the next step donates.
+    history.append(jax.tree.map(lambda x: np.array(x, copy=True), state.params))
+  return state, totals, step, history
 
 
 def _multisteps_run(trainer, config, updates):
@@ -118,7 +123,7 @@ def fused(setup):
 @pytest.mark.parametrize('accumulate_with', ['vmap', 'scan', 'loop'])
 def test_fused_update_equals_multisteps(setup, reference, fused, accumulate_with):
   config, trainer, updates = setup
-  state, totals, _ = fused(accumulate_with=accumulate_with)
+  state, totals, _, history = fused(accumulate_with=accumulate_with)
   assert int(state.step) == int(reference.step) == UPDATES * config.training.accumulation_steps
   assert _relative_difference(state.params, reference.params) < 1e-6
   ours, theirs = state.opt_state, reference.opt_state
@@ -131,6 +136,13 @@ def test_fused_update_equals_multisteps(setup, reference, fused, accumulate_with
   moved = _relative_difference(reference.params, initial)
   assert moved > 1e-4
   assert all(np.isfinite(t['loss/total']) for t in totals)
+  # The average: sum_i decay^(n-i) p_i / sum_i decay^(n-i) over the parameters after each
+  # update (the initial ones weigh nothing).
+  weights = EMA_DECAY ** np.arange(UPDATES)[::-1]
+  average = jax.tree.map(lambda *ps: sum(w * p for w, p in zip(weights, ps)) / weights.sum(),
+                         *history)
+  off, apart = (_relative_difference(p, average) for p in (state.ema_params, state.params))
+  assert off < 1e-6 and apart > 1e-5, (off, apart)
 
 
 @pytest.mark.parametrize('accumulate_with', ['vmap', 'loop'])
@@ -139,7 +151,7 @@ def test_a_non_finite_micro_batch_skips_its_whole_update(setup, fused, accumulat
   k = config.training.accumulation_steps
   bad = dict(updates[1])
   bad['signal'] = bad['signal'].at[3].set(jnp.nan)  # Micro-batch 3 of an update.
-  state, _, step = fused(accumulate_with=accumulate_with)
+  state, _, step, _ = fused(accumulate_with=accumulate_with)
   state = jax.tree.map(jnp.copy, state)  # The step donates its input; keep the fixture's.
   window = trainer.empty_metrics()
   before = jax.device_get(state)
@@ -166,8 +178,8 @@ def test_bfloat16_training_tracks_float32(fused):
   # Under 'loop' (the GPU's and CPU's mode; its float32 run is also the 'loop' equality test's):
   # its programs compile in about two thirds of 'vmap''s time (32 s against 50 s in the suite).
   # The fused modes' bfloat16 step is left untested here: they run the same loss and update.
-  f32, f32_totals, _ = fused('float32', 'loop')
-  bf16, bf16_totals, _ = fused('bfloat16', 'loop')
+  f32, f32_totals, _, _ = fused('float32', 'loop')
+  bf16, bf16_totals, _, _ = fused('bfloat16', 'loop')
   for a, b in zip(bf16_totals, f32_totals):
     assert abs(a['loss/total'] - b['loss/total']) <= 0.02 * abs(b['loss/total']), (a, b)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))
@@ -210,3 +222,9 @@ def test_host_built_initial_state_equals_the_jitted_one(setup, monkeypatch):
   for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(hosted)):
     assert b.sharding.is_equivalent_to(trainer.replicated, b.ndim)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('decay', [1.0, -0.1])
+def test_moving_average_decay_outside_zero_one_is_refused(decay):
+  with pytest.raises(ValueError, match=f'training.ema_decay must be in \\[0, 1\\), got {decay}'):
+    steps.initial_ema(_config(ema_decay=decay), {'w': jnp.zeros(2)})
