@@ -27,10 +27,11 @@ def get_config(preset=''):
     # after epoch 7). Heads at 10x the rate with dropout 0.5 on their hidden layer, reading the
     # trunk without training it (the denoiser alone does): val signal loss 0.293 (0.336 with a
     # tenth of the heads' gradient, 0.435 with plain backprop), generated traces' mean r 0.81, val
-    # total at most 22 % above train, 14 of 15 checks; the class pays (test balanced accuracy
-    # 0.57; 0.67 with a tenth, 0.64 with plain backprop) (README, "The demo run"). On 2,038
-    # patients the same three lose to gradient boosting on every head, where heads at 30x with
-    # plain backprop beat it on 6 of 7 (README, "Learning benchmark"): they suit few patients.
+    # total at most 22 % above train, 14 of 15 checks (15 with the average below); the class
+    # pays (test balanced accuracy 0.57; 0.67 with a tenth, 0.64 with plain backprop) (README,
+    # "The demo run"). On 2,038 patients the same three lose to gradient boosting on every
+    # head, where heads at 30x with plain backprop beat it on 6 of 7 (README, "Learning
+    # benchmark"): they suit few patients.
     config.training.head_learning_rate_scale = 10.0
     config.training.head_gradient_scale = 0.0
     config.model.head_dropout = 0.5

@@ -147,10 +147,11 @@ def get_config():
   # Decay per optimizer update, in [0, 1), of a moving average of the parameters: the mean of
   # the parameters after each update so far weighted by decay^age (about the last
   # 1 / (1 - decay) updates; the initialisation weighs nothing). Validation (so early stopping
-  # and the best checkpoint), the test split, init_from and inference use it; AdamW trains the
-  # raw parameters, and the train rows of the logs are theirs. 0: no average. A run resumes
-  # under another nonzero value, not with the average switched on or off (the saved tree
-  # differs). The demo preset sets 0.98 (configs/convergence.py).
+  # and the best checkpoint), the test split, generation, inference and a later run's
+  # init_from use it; AdamW trains the raw parameters, and the train rows of the logs are
+  # theirs. 0: no average. A run resumes under another nonzero value, not with the average
+  # switched on or off (the saved tree differs). The demo preset sets 0.98
+  # (configs/convergence.py).
   training.ema_decay = 0.0
   training.log_every_steps = 10  # Console/TensorBoard/metrics.jsonl every N optimizer updates.
   training.early_stopping_patience = 25  # Epochs without val improvement before stopping.

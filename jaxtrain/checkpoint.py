@@ -46,7 +46,8 @@ ITEMS = ('params', 'train', 'meta')
 # differs in one of them; other differences (epochs, logging, learning rate...) are logged.
 STRUCTURAL_KEYS = ('model.', 'data.', 'training.batch_size', 'training.accumulation_steps')
 # Keys that add arrays to the saved tree when nonzero: a run resumes under another nonzero
-# value, not with the feature switched on or off.
+# value, not with the feature switched on or off. A config.json without one reads as its
+# default, so each default must stay 0 (or go into PREDATING_VALUES as 0).
 SWITCH_KEYS = ('training.ema_decay',)
 # How the model computes, not what it holds: a run may resume under another value (e.g. on a
 # CPU after a bfloat16 TPU run), and configs saved before these keys existed still resume.
@@ -341,14 +342,16 @@ def absent_key_values(saved=None):
 
 
 def check_resume_config(workdir, config):
-  """Refuses to resume `workdir` under a config that changes shapes; logs harmless changes.
+  """Refuses to resume `workdir` under a config that changes the saved arrays (shapes, or a
+  SWITCH_KEYS feature turned on or off) or the data position; logs harmless changes.
 
   A key the saved config lacks (added to jaxtrain after the run started) is harmless at its
   default value in configs/default.py, which by convention keeps the earlier behaviour; where
   it does not (PREDATING_VALUES, PREDATING_SOURCES), only at the value the run trained with.
 
   Raises:
-    ValueError: listing the structural keys whose values differ from the saved config.json.
+    ValueError: listing the structural keys, and the SWITCH_KEYS switched on or off, whose
+      values differ from the saved config.json.
   """
   saved = _read_config(workdir)
   if saved is None:
