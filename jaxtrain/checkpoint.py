@@ -143,10 +143,12 @@ class Checkpoints:
     moved to `workdir/checkpoints_corrupt`, and the one before it is tried.
 
     Raises:
-      IncompatibleCheckpointError: the parameters saved are not this model's (nothing moved).
+      IncompatibleCheckpointError: the parameters saved are not this model's, or the `train`
+        item holds other entries than this config saves (nothing moved).
     """
     for step in sorted(self.steps, reverse=True):
       check_saved_params(self.manager, step, abstract_params)
+      check_saved_train(self.manager, step, abstract_train)
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
@@ -239,19 +241,41 @@ def check_params_fit(saved, abstract_params, where):
         'a new --workdir, or the jaxtrain version that wrote it.')
 
 
-def check_saved_params(manager, step, abstract_params):
-  """`check_params_fit` on the parameter metadata saved in checkpoint `step` (skipped when it
-  is unreadable: the restore then reports the damage)."""
-  where = os.path.join(str(manager.directory), str(step))
+def _saved_tree(manager, step, item):
+  """The metadata tree of `item` in checkpoint `step`, or None when it is unreadable (the
+  restore then reports the damage)."""
   try:
     # Read through the item's handler: a manager made with item names only (as ours are, for
     # the Composite saves) has no handler to give the metadata of an item it has not restored.
-    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / 'params')
+    saved = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(str(manager.directory)) / str(step) / item)
   except Exception:  # pylint: disable=broad-except
+    return None
+  return getattr(saved, 'tree', saved)
+
+
+def check_saved_train(manager, step, abstract_train):
+  """Refuses checkpoint `step` when its `train` item's entries are not the ones this config
+  saves: the raw `params` there, or not, is a moving average switched on or off (a resume the
+  config check lets through only without a config.json). Without this the restore would fail
+  and move a sound checkpoint aside as damaged."""
+  saved = _saved_tree(manager, step, 'train')
+  if saved is None or set(saved) == set(abstract_train):
     return
-  saved = getattr(saved, 'tree', saved)
+  where = os.path.join(str(manager.directory), str(step))
+  raise IncompatibleCheckpointError(
+      f'{where}: its train item holds {sorted(saved)} and this config saves '
+      f'{sorted(abstract_train)}; \'params\' there means a moving average of the parameters '
+      '(training.ema_decay > 0). Resume with the training.ema_decay the run had, or use a new '
+      '--workdir; nothing was changed on disk.')
+
+
+def check_saved_params(manager, step, abstract_params):
+  """`check_params_fit` on the parameter metadata saved in checkpoint `step` (skipped when it
+  is unreadable: the restore then reports the damage)."""
+  saved = _saved_tree(manager, step, 'params')
   if saved is not None:
-    check_params_fit(saved, abstract_params, where)
+    check_params_fit(saved, abstract_params, os.path.join(str(manager.directory), str(step)))
 
 
 def load_best_params(path, abstract_params):

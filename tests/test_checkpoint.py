@@ -328,6 +328,11 @@ def test_moving_average_is_saved_as_the_params_item_and_both_resume(trainer, tmp
     ckpt.manager.wait_until_finished()
     step, saved_params, _, _ = ckpt.restore_latest(*targets)
     resumed = train._start(config, trainer_, ckpt, *targets)  # pylint: disable=protected-access
+    # Without the average (the config check passes this way only without a config.json): a
+    # clear refusal, and the checkpoint stays where it is.
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match='training.ema_decay'):
+      ckpt.restore_latest(*_targets(trainer))
+    assert ckpt.steps == [0] and not os.path.exists(tmp_path / checkpoint.CORRUPT_DIR)
   finally:
     ckpt.close()
   assert step == 0 and _same_bits(saved_params, run.state.ema_params)
