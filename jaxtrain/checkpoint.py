@@ -241,14 +241,13 @@ def check_params_fit(saved, abstract_params, where):
         'a new --workdir, or the jaxtrain version that wrote it.')
 
 
-def _saved_tree(manager, step, item):
-  """The metadata tree of `item` in checkpoint `step`, or None when it is unreadable (the
-  restore then reports the damage)."""
+def _saved_tree(where, item):
+  """The metadata tree of `item` in the checkpoint directory `where`, or None when it is
+  unreadable (the restore then reports the damage)."""
   try:
     # Read through the item's handler: a manager made with item names only (as ours are, for
     # the Composite saves) has no handler to give the metadata of an item it has not restored.
-    saved = ocp.StandardCheckpointHandler().metadata(
-        epath.Path(str(manager.directory)) / str(step) / item)
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / item)
   except Exception:  # pylint: disable=broad-except
     return None
   return getattr(saved, 'tree', saved)
@@ -259,10 +258,10 @@ def check_saved_train(manager, step, abstract_train):
   saves: the raw `params` there, or not, is a moving average switched on or off (a resume the
   config check lets through only without a config.json). Without this the restore would fail
   and move a sound checkpoint aside as damaged."""
-  saved = _saved_tree(manager, step, 'train')
+  where = os.path.join(str(manager.directory), str(step))
+  saved = _saved_tree(where, 'train')
   if saved is None or set(saved) == set(abstract_train):
     return
-  where = os.path.join(str(manager.directory), str(step))
   raise IncompatibleCheckpointError(
       f'{where}: its train item holds {sorted(saved)} and this config saves '
       f'{sorted(abstract_train)}; \'params\' there means a moving average of the parameters '
@@ -273,9 +272,10 @@ def check_saved_train(manager, step, abstract_train):
 def check_saved_params(manager, step, abstract_params):
   """`check_params_fit` on the parameter metadata saved in checkpoint `step` (skipped when it
   is unreadable: the restore then reports the damage)."""
-  saved = _saved_tree(manager, step, 'params')
+  where = os.path.join(str(manager.directory), str(step))
+  saved = _saved_tree(where, 'params')
   if saved is not None:
-    check_params_fit(saved, abstract_params, os.path.join(str(manager.directory), str(step)))
+    check_params_fit(saved, abstract_params, where)
 
 
 def load_best_params(path, abstract_params):
