@@ -175,7 +175,7 @@ def test_bfloat16_training_tracks_float32(fused):
   (relative norm of the whole tree) after the updates. bfloat16 keeps 8 significant bits
   (0.4 %), and its errors largely average out over the batch and the parameters.
   """
-  # Under 'loop' (the GPU's and CPU's mode; its float32 run is also the 'loop' equality test's):
+  # Under 'loop' (the CPU's mode; its float32 run is also the 'loop' equality test's):
   # its programs compile in about two thirds of 'vmap''s time (32 s against 50 s in the suite).
   # The fused modes' bfloat16 step is left untested here: they run the same loss and update.
   f32, f32_totals, _, _ = fused('float32', 'loop')
@@ -190,10 +190,13 @@ def test_bfloat16_training_tracks_float32(fused):
   assert _relative_difference(bf16.params, f32.params) > 0
 
 
-def test_auto_accumulation_scans_on_a_tpu_only_and_a_typo_is_refused():
+def test_auto_accumulation_loops_on_a_cpu_only_and_a_typo_is_refused(monkeypatch):
   config = convergence.get_config()
   assert config.training.accumulate_with == 'auto'
-  assert steps.accumulation_mode(config) == ('scan' if jax.default_backend() == 'tpu' else 'loop')
+  demo = convergence.get_config('demo')  # The presets leave it to 'auto' too.
+  for backend, mode in (('cpu', 'loop'), ('gpu', 'vmap'), ('tpu', 'vmap')):
+    monkeypatch.setattr(steps.jax, 'default_backend', lambda b=backend: b)
+    assert steps.accumulation_mode(config) == steps.accumulation_mode(demo) == mode, backend
   config.training.accumulate_with = 'skan'
   with pytest.raises(ValueError, match="Unknown training.accumulate_with 'skan'"):
     steps.accumulation_mode(config)
