@@ -82,8 +82,8 @@ def make_loss(trained, task, class_weights):
       return losses.focal_loss(out, target, config.loss.focal_alpha, config.loss.focal_gamma,
                                class_weights).mean()
     prediction = jnp.stack([out[:, 0], heads.bounded_log_scale(out[:, 1])], axis=-1)
-    total, count = losses.gaussian_term(prediction, target, jnp.ones_like(target),
-                                        config.loss.nll_beta)
+    total, count = losses.nll_term(prediction, target, jnp.ones_like(target),
+                                   config.loss.nll_beta, losses.peak_nll(config))
     return total / count
 
   return loss

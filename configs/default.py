@@ -96,6 +96,10 @@ def get_config():
   # NLL); 0 = plain NLL (losses.py). 0.5 pulls a hard recording's mean as hard as an easy
   # one's: the late waves V. Runs saved before this key resume only with 0.0 (checkpoint.py).
   loss.nll_beta = 0.5
+  # Likelihood of the wave-V latency and amplitude terms: 'gaussian' (the original's; its
+  # location is the conditional mean) or 'laplace' (|error| / b + log 2b: the conditional
+  # median, what their mean absolute errors reward where the targets are skewed).
+  loss.peak_nll = 'gaussian'
 
   # ---------------------------------------------------------------------------------------
   config.training = training = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 
 import jax
@@ -90,7 +91,7 @@ def readings(outputs, normalizer, config):
 
   Args:
     outputs: model outputs over N rows: 'peak_exist' [N] logit; 'peak_latency',
-      'peak_amplitude', 'threshold' [N, 2] (standardised mean, log-scale); 'class_logits'
+      'peak_amplitude', 'threshold' [N, 2] (standardised location, log-scale); 'class_logits'
       [N, K].
     normalizer: the run's `data.Normalizer`.
     config: the run's config (a threshold trained with the Huber loss has no spread: NaN).
@@ -98,7 +99,7 @@ def readings(outputs, normalizer, config):
   Returns:
     dict: 'class_prob' [N, K], 'class_pred' [N] int; 'v_probability'; 'v_latency_ms',
     'v_latency_sd_ms'; 'v_amplitude_uv', 'v_amplitude_sd_uv'; 'threshold_db',
-    'threshold_sd_db' (each [N]). A spread is the predicted Gaussian sd, in the unit.
+    'threshold_sd_db' (each [N]). A spread is the predicted distribution's sd, in the unit.
   """
   logits = np.asarray(outputs['class_logits'], np.float64)
   prob = np.exp(logits - logits.max(1, keepdims=True))
@@ -110,7 +111,9 @@ def readings(outputs, normalizer, config):
                           ('threshold', 'threshold', 'db')):
     mean_z, log_scale = np.asarray(outputs[key], np.float64).T
     out[f'{name}_{unit}'] = normalizer.to_units(key, mean_z)
-    out[f'{name}_sd_{unit}'] = np.exp(log_scale) * normalizer.stats[key][1]
+    # A Laplace distribution of scale b has the sd sqrt(2) b.
+    spread = math.sqrt(2.0) if key != 'threshold' and config.loss.peak_nll == 'laplace' else 1.0
+    out[f'{name}_sd_{unit}'] = spread * np.exp(log_scale) * normalizer.stats[key][1]
   if config.loss.threshold_loss != 'nll':  # Its log-scale was never trained.
     out['threshold_sd_db'] = np.full(len(prob), np.nan)
   return out

@@ -243,7 +243,7 @@ def test_beta_nll_pulls_every_recording_by_its_z_score():
   mask = jnp.array([1.0, 1.0, 0.0])
   z = jnp.array([2.0, 0.5, 1.0])
   mean = z * jnp.exp(log_scale)
-  term = lambda m, s, beta, mask=mask: losses.gaussian_term(
+  term = lambda m, s, beta, mask=mask: losses.nll_term(
       jnp.stack([m, s], axis=-1), target, mask, beta)
 
   weights = losses.beta_nll_weights(log_scale, mask, 0.5)
@@ -270,3 +270,35 @@ def test_beta_nll_pulls_every_recording_by_its_z_score():
   assert np.all(np.isfinite(jax.grad(lambda s: term(mean, s, 0.5, none)[0])(log_scale)))
   with pytest.raises(ValueError, match='nll_beta'):
     term(mean, log_scale, 1.5)
+
+
+def test_laplace_peak_terms_locate_the_median_and_are_used_when_configured(setup):
+  """loss.peak_nll='laplace': the wave-V terms are the Laplace NLL |e| / b + log 2b of the
+  predictions, and over skewed targets the NLL's best constant location is their median
+  (the Gaussian's: their mean); an unknown name is refused."""
+  targets = jnp.array([0.0, 0.1, 0.2, 1.5, 3.0])  # Median 0.2, mean 0.96.
+  mask = jnp.ones(5)
+
+  def best_location(nll_fn):
+    term = lambda m: losses.nll_term(jnp.stack([jnp.full(5, m), jnp.zeros(5)], -1), targets,
+                                     mask, 0.0, nll_fn)[0]
+    grid = jnp.linspace(-1.0, 3.0, 401)
+    return float(grid[jnp.argmin(jax.vmap(term)(grid))])
+
+  assert abs(best_location(losses.laplace_nll) - 0.2) < 0.011
+  assert abs(best_location(losses.gaussian_nll) - float(targets.mean())) < 0.011
+  np.testing.assert_allclose(losses.laplace_nll(jnp.array([1.0]), jnp.log(jnp.array([0.5])),
+                                                jnp.array([2.0])), [2.0 + np.log(1.0)], rtol=1e-6)
+
+  config, model, params, _, _ = setup
+  laplace = copy.deepcopy(config)
+  laplace.loss.peak_nll = 'laplace'
+  batch = make_batch()
+  _, (terms, preds) = eval_loss(laplace, model, params)(params, batch, CLASS_WEIGHTS)
+  peaks = batch['mask'] * batch['peak_mask']
+  for key in ('peak_latency', 'peak_amplitude'):
+    nll = losses.laplace_nll(preds[key][:, 0], preds[key][:, 1], batch[key])
+    np.testing.assert_allclose(terms[key][0], jnp.sum(nll * peaks), rtol=1e-5)
+  laplace.loss.peak_nll = 'laplacian'
+  with pytest.raises(ValueError, match="Unknown loss.peak_nll 'laplacian'"):
+    losses.peak_nll(laplace)

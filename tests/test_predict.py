@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
 
+from configs import convergence
 from jaxtrain import data
 from jaxtrain import generate
 from jaxtrain import generation_quality
@@ -242,3 +244,24 @@ def test_generation_quality_lands_in_the_report(saved_test_run, tmp_path):
   assert '| 9. generated traces match the clean ones (synthetic data) |' in text
   assert f'{c} conditions x 2 traces: mean r' in text
   assert os.path.exists(os.path.join(copy, 'report', 'generation_latency.png'))
+
+
+def test_readings_give_each_distributions_sd():
+  """The spread of a wave-V reading is exp(log-scale) x the unit's sd for a Gaussian head and
+  sqrt(2) times that for a Laplace one (its sd); the threshold's stays Gaussian."""
+  stats = {'peak_latency': (7.0, 1.5), 'peak_amplitude': (0.2, 0.1), 'threshold': (40.0, 20.0)}
+  normalizer = types.SimpleNamespace(stats=stats,
+                                     to_units=lambda key, z: z * stats[key][1] + stats[key][0])
+  log_scale = np.log([0.5, 2.0])
+  outputs = {key: np.stack([[0.0, 1.0], log_scale], -1) for key in stats}
+  outputs.update(peak_exist=np.zeros(2), class_logits=np.zeros((2, 5)))
+  config = convergence.get_config('test')
+  gaussian = inference.readings(outputs, normalizer, config)
+  config.loss.peak_nll = 'laplace'
+  laplace = inference.readings(outputs, normalizer, config)
+  np.testing.assert_allclose(gaussian['v_latency_ms'], [7.0, 8.5])
+  np.testing.assert_allclose(gaussian['v_amplitude_sd_uv'], [0.05, 0.2])
+  for name in ('v_latency_sd_ms', 'v_amplitude_sd_uv'):
+    np.testing.assert_allclose(laplace[name], np.sqrt(2) * gaussian[name])
+  np.testing.assert_allclose(laplace['threshold_sd_db'], gaussian['threshold_sd_db'])
+  np.testing.assert_allclose(laplace['threshold_sd_db'], [10.0, 40.0])
