@@ -9,7 +9,8 @@ that several tests build, e.g. the `:test` preset's steps, compile once.
 
 The README's command runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`):
 most tests compile and run one small program at a time, about one core's work. Each module
-is one group, run by one worker, so that its module fixtures are built once.
+is in one group, run by one worker, so that its module fixtures are built once (a group is one
+module unless `_GROUP` or the shared trained run joins several).
 """
 
 import os
@@ -31,10 +32,14 @@ def pytest_configure(config):
   config.addinivalue_line('filterwarnings', 'error:Some donated buffers were not usable')
 
 
-# The two modules whose fixtures run main.py subprocesses two at a time share a group: one
+# The modules that run training subprocesses two at a time (test_checkpoint's and
+# test_distributed's fixtures, test_train's one- and eight-device runs) share a group: one
 # worker runs them one after the other, so that they never run four processes on two cores
-# (test_distributed's processes must exit within their time bounds).
-_GROUP = {'test_checkpoint': 'main_py_subprocesses', 'test_distributed': 'main_py_subprocesses'}
+# (test_distributed's processes must exit within their time bounds). It also balances the two
+# workers: without test_train (184 s) the group took 694 s of a 1,071 s suite and left a core
+# idle for the rest.
+_GROUP = dict.fromkeys(('test_checkpoint', 'test_distributed', 'test_train'),
+                       'training_subprocesses')
 # Every module with a test that reads this session fixture (a trained `:test` run,
 # tests/conftest.py) joins its group, so that one worker trains it once.
 _SHARED_RUN = 'saved_test_run'

@@ -7,9 +7,10 @@ Tells whether a head is held back by what the trunk's features carry or by its o
 The run's best parameters give, for every recording of its data, the features the head reads
 (the decoder's [N, 200, C] at diffusion step 0, no dropout, with the trace and the statics).
 A fresh pooled head of the run's size is trained on the training split's features alone, with
-the run's loss term for that task (Gaussian beta-NLL, or the class focal loss), AdamW at each
-learning rate decayed by a cosine to 0 over `--epochs`, micro-batches of the run's size times
-its accumulation (one update each); then it is scored on val and test beside the run's own head.
+the run's loss term for that task (its beta-NLL of `loss.peak_nll`, or the class focal loss),
+AdamW at each learning rate decayed by a cosine to 0 over `--epochs`, micro-batches of the
+run's size times its accumulation (one update each); then it is scored on val and test beside
+the run's own head.
 """
 
 import argparse

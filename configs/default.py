@@ -82,8 +82,8 @@ def get_config():
   loss.weights = weights = ml_collections.ConfigDict()
   weights.signal = 1.0  # Denoising MSE (in the prediction's space).
   weights.peak_exist = 0.3  # Wave-V existence BCE.
-  weights.peak_latency = 0.2  # Wave-V latency Gaussian NLL (recordings with a wave V only).
-  weights.peak_amplitude = 0.01  # Wave-V amplitude Gaussian NLL (recordings with a wave V only).
+  weights.peak_latency = 0.2  # Wave-V latency NLL (loss.peak_nll; recordings with a wave V only).
+  weights.peak_amplitude = 0.01  # Wave-V amplitude NLL (loss.peak_nll; with a wave V only).
   weights.classification = 0.8  # Hearing-loss class focal loss.
   weights.threshold = 0.05  # Hearing-threshold loss.
   loss.focal_alpha = 0.75  # Focal-loss alpha (scales every class term).
@@ -91,8 +91,8 @@ def get_config():
   loss.class_weights = 'balanced'  # 'balanced' (n / (K n_k) on the train split) or 'none'.
   loss.threshold_loss = 'nll'  # 'nll' (Gaussian NLL) or 'huber', on the standardised threshold.
   loss.huber_delta = 1.0  # Huber delta for loss.threshold_loss='huber', in standard deviations.
-  # beta of the beta-NLL on the Gaussian terms (latency, amplitude, threshold 'nll'): each
-  # recording's NLL gradient weighted by sigma^(2 beta) (the reported terms stay the plain
+  # beta of the beta-NLL on the NLL terms (latency, amplitude, threshold 'nll'): each
+  # recording's NLL gradient weighted by scale^(2 beta) (the reported terms stay the plain
   # NLL); 0 = plain NLL (losses.py). 0.5 pulls a hard recording's mean as hard as an easy
   # one's: the late waves V. Runs saved before this key resume only with 0.0 (checkpoint.py).
   loss.nll_beta = 0.5
@@ -108,13 +108,13 @@ def get_config():
   training.accumulation_steps = 8  # Micro-batches averaged into one optimizer update.
   # How an update's micro-batches run. In one jitted call per update (for an accelerator, whose
   # every dispatch costs launch latency): 'scan' one after another (the activation memory of
-  # one micro-batch) or 'vmap' all at once (accumulation_steps x that memory, 8 times taller
-  # matmuls). Or 'loop': one jitted call per micro-batch from the host, and four small ones
+  # one micro-batch) or 'vmap' all at once (accumulation_steps x that memory, the fewest
+  # kernels). Or 'loop': one jitted call per micro-batch from the host, and four small ones
   # around them (the memory of one micro-batch). At these sizes, on the 2-core CPU: 'loop'
   # 24.7 s per update, 'scan' 139 s, 'vmap' over 16 GB of host memory; on one H100 (bfloat16):
   # 'vmap' 0.065 s per update, 5.9 GB of GPU memory, 139 s to compile; 'scan' 0.136 s, 141 s;
-  # 'loop' 0.194 s, 72 s. 'auto': 'loop' on a CPU, 'vmap' on a GPU or TPU ('scan' where the
-  # accelerator's memory is short). The update is the same either way.
+  # 'loop' 0.194 s, 72 s. 'auto': 'loop' on a CPU, 'vmap' on a GPU or TPU (set 'scan' where
+  # the accelerator's memory is short). The update is the same either way.
   training.accumulate_with = 'auto'
   # Programs of the train step compiled side by side, in threads ('loop' has 4, the others 1).
   # Each concurrent compile holds its own memory. On the 2-core CPU: the convergence step in

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 
 import jax
@@ -28,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from jaxtrain import checkpoint
 from jaxtrain import data
+from jaxtrain import losses
 from jaxtrain import models
 
 RUN_INFO_FILE = 'run_info.json'
@@ -109,11 +109,10 @@ def readings(outputs, normalizer, config):
   for name, key, unit in (('v_latency', 'peak_latency', 'ms'),
                           ('v_amplitude', 'peak_amplitude', 'uv'),
                           ('threshold', 'threshold', 'db')):
-    mean_z, log_scale = np.asarray(outputs[key], np.float64).T
-    out[f'{name}_{unit}'] = normalizer.to_units(key, mean_z)
-    # A Laplace distribution of scale b has the sd sqrt(2) b.
-    spread = math.sqrt(2.0) if key != 'threshold' and config.loss.peak_nll == 'laplace' else 1.0
-    out[f'{name}_sd_{unit}'] = spread * np.exp(log_scale) * normalizer.stats[key][1]
+    location_z, log_scale = np.asarray(outputs[key], np.float64).T
+    out[f'{name}_{unit}'] = normalizer.to_units(key, location_z)
+    sd_per_scale = 1.0 if key == 'threshold' else losses.SD_PER_SCALE[config.loss.peak_nll]
+    out[f'{name}_sd_{unit}'] = sd_per_scale * np.exp(log_scale) * normalizer.stats[key][1]
   if config.loss.threshold_loss != 'nll':  # Its log-scale was never trained.
     out['threshold_sd_db'] = np.full(len(prob), np.nan)
   return out

@@ -34,8 +34,10 @@ def laplace_nll(mean, log_scale, target):
   return jnp.abs(target - mean) * jnp.exp(-log_scale) + log_scale + math.log(2.0)
 
 
-# config.loss.peak_nll: the likelihood of the wave-V latency and amplitude terms.
+# config.loss.peak_nll: the likelihood of the wave-V latency and amplitude terms, and the sd
+# of each per unit of its scale exp(log_scale) (a Laplace distribution of scale b: sqrt(2) b).
 PEAK_NLLS = {'gaussian': gaussian_nll, 'laplace': laplace_nll}
+SD_PER_SCALE = {'gaussian': 1.0, 'laplace': math.sqrt(2.0)}
 
 
 def peak_nll(config):

@@ -258,7 +258,7 @@ def accumulation_mode(config):
   2-core CPU 'loop' 24.7 s per update against 139 s for 'scan' (XLA:CPU runs its while-loop
   slowly; 'vmap' there needed over 16 GB of host memory); on one H100 'vmap' 0.065 s per update
   (5.9 GB of GPU memory, 139 s to compile) against 0.136 s for 'scan' (141 s) and 0.194 s for
-  'loop' (72 s): one dispatch per update and 8 times taller matmuls."""
+  'loop' (72 s): one dispatch per update, 4,719 kernels against 'loop''s 23,842."""
   mode = config.training.accumulate_with
   if mode == 'auto':
     mode = 'loop' if jax.default_backend() == 'cpu' else 'vmap'

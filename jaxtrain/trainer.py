@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxtrain import data
 from jaxtrain import evaluation
+from jaxtrain import losses
 from jaxtrain import models
 from jaxtrain import optim
 from jaxtrain import steps
@@ -34,6 +35,7 @@ class Trainer:
             f'training.{name}={size} does not divide evenly over {n_dev} devices in '
             f'{n_proc} process(es); use a multiple of {n_dev}.')
     self.mode = steps.accumulation_mode(config)  # Fail before any compile on a mistyped mode.
+    losses.peak_nll(config)  # Likewise a mistyped likelihood.
     if t.compile_workers < 1:
       raise ValueError(f'training.compile_workers must be >= 1, got {t.compile_workers}.')
     self.micro_per_epoch, self.steps_per_epoch = micro_batches_per_epoch(config, dataset)

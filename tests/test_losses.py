@@ -287,8 +287,16 @@ def test_laplace_peak_terms_locate_the_median_and_are_used_when_configured(setup
 
   assert abs(best_location(losses.laplace_nll) - 0.2) < 0.011
   assert abs(best_location(losses.gaussian_nll) - float(targets.mean())) < 0.011
+  # |2 - 1| / 0.5 + log(2 x 0.5) = 2.
   np.testing.assert_allclose(losses.laplace_nll(jnp.array([1.0]), jnp.log(jnp.array([0.5])),
-                                                jnp.array([2.0])), [2.0 + np.log(1.0)], rtol=1e-6)
+                                                jnp.array([2.0])), [2.0], rtol=1e-6)
+  # At beta 0.5 the weights b / mean(b) cancel the 1 / b of the pull: every recording's
+  # location is pulled by sign(error) / mean(b), whatever its own scale b.
+  scales = jnp.array([0.1, 1.0, 5.0])
+  pull = jax.grad(lambda m: losses.nll_term(jnp.stack([m, jnp.log(scales)], -1), jnp.zeros(3),
+                                            jnp.ones(3), 0.5, losses.laplace_nll)[0])
+  np.testing.assert_allclose(pull(jnp.array([0.3, -2.0, 4.0])) * jnp.mean(scales),
+                             [1.0, -1.0, 1.0], rtol=1e-5)
 
   config, model, params, _, _ = setup
   laplace = copy.deepcopy(config)

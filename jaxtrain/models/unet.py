@@ -190,7 +190,7 @@ class HierarchicalUNet(nn.Module):
 
     Returns:
       dict: 'signal' [B, L]; 'peak_exist' [B] logit; 'peak_latency', 'peak_amplitude',
-      'threshold' [B, 2] (mean, log_scale) in standardised units; 'class_logits' [B, n_classes].
+      'threshold' [B, 2] (location, log_scale) in standardised units; 'class_logits' [B, n_classes].
     """
     length = x.shape[1]
     padded = self.padded_length(length)
@@ -229,12 +229,12 @@ class HierarchicalUNet(nn.Module):
                               name=heads.module_name(name))
       return head(head_features, x, static, train, evidence)
 
-    def gaussian(name, evidence=None):  # (mean, bounded log-scale) [B, 2].
+    def located(name, evidence=None):  # (location, bounded log-scale) [B, 2].
       out = pooled(name, 2, evidence)
       return jnp.stack([out[:, 0], heads.bounded_log_scale(out[:, 1])], axis=-1)
 
     exist, class_logits = pooled('exist', 1)[:, 0], pooled('class', self.n_classes)
-    latency, amplitude = gaussian('latency'), gaussian('amplitude')
+    latency, amplitude = located('latency'), located('amplitude')
     # The hearing threshold follows from the class and from where wave V is found (present or
     # not at this intensity, how late): its head reads those answers as well as the trace.
     evidence = jnp.concatenate([nn.softmax(class_logits), nn.sigmoid(exist)[:, None], latency,
@@ -245,5 +245,5 @@ class HierarchicalUNet(nn.Module):
         'peak_latency': latency,
         'peak_amplitude': amplitude,
         'class_logits': class_logits,
-        'threshold': gaussian('threshold', evidence),
+        'threshold': located('threshold', evidence),
     }
