@@ -7,6 +7,7 @@ there learn nothing). Every component is a (sum, count) pair over the batch; pad
 (mask 0) and rows without the label (peak_mask, threshold_mask 0) count in neither.
 """
 
+import functools
 import math
 
 import jax
@@ -169,14 +170,14 @@ def loss_fn(params, model, batch, rng, config, class_weights, train, kernels=Non
 
   target = diffusion.prediction_target(alphas_cumprod, x0, noise, t, prediction)
   peak_mask = mask * batch['peak_mask']
+  peak = functools.partial(nll_term, mask=peak_mask, beta=config.loss.nll_beta,
+                           nll_fn=peak_nll(config))
   terms = {
       'signal': _masked(jnp.mean((denoised - target)**2, axis=-1), mask),
       'peak_exist': _masked(
           optax.sigmoid_binary_cross_entropy(heads['peak_exist'], batch['peak_mask']), mask),
-      'peak_latency': nll_term(heads['peak_latency'], batch['peak_latency'], peak_mask,
-                               config.loss.nll_beta, peak_nll(config)),
-      'peak_amplitude': nll_term(heads['peak_amplitude'], batch['peak_amplitude'], peak_mask,
-                                 config.loss.nll_beta, peak_nll(config)),
+      'peak_latency': peak(heads['peak_latency'], batch['peak_latency']),
+      'peak_amplitude': peak(heads['peak_amplitude'], batch['peak_amplitude']),
       'class': _masked(
           focal_loss(heads['class_logits'], batch['label'], config.loss.focal_alpha,
                      config.loss.focal_gamma, class_weight_vector(config, class_weights)), mask),
