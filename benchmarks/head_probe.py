@@ -84,7 +84,7 @@ def make_loss(trained, task, class_weights):
                                class_weights).mean()
     prediction = jnp.stack([out[:, 0], heads.bounded_log_scale(out[:, 1])], axis=-1)
     total, count = losses.nll_term(prediction, target, jnp.ones_like(target),
-                                   config.loss.nll_beta, losses.peak_nll(config))
+                                   config.loss.nll_beta, losses.peak_nll(config).nll)
     return total / count
 
   return loss

@@ -111,7 +111,7 @@ def readings(outputs, normalizer, config):
                           ('threshold', 'threshold', 'db')):
     location_z, log_scale = np.asarray(outputs[key], np.float64).T
     out[f'{name}_{unit}'] = normalizer.to_units(key, location_z)
-    sd_per_scale = 1.0 if key == 'threshold' else losses.SD_PER_SCALE[config.loss.peak_nll]
+    sd_per_scale = 1.0 if key == 'threshold' else losses.peak_nll(config).sd_per_scale
     out[f'{name}_sd_{unit}'] = sd_per_scale * np.exp(log_scale) * normalizer.stats[key][1]
   if config.loss.threshold_loss != 'nll':  # Its log-scale was never trained.
     out['threshold_sd_db'] = np.full(len(prob), np.nan)

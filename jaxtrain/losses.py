@@ -9,6 +9,7 @@ there learn nothing). Every component is a (sum, count) pair over the batch; pad
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +36,21 @@ def laplace_nll(mean, log_scale, target):
   return jnp.abs(target - mean) * jnp.exp(-log_scale) + log_scale + math.log(2.0)
 
 
-# config.loss.peak_nll: the likelihood of the wave-V latency and amplitude terms, and the sd
-# of each per unit of its scale exp(log_scale) (a Laplace distribution of scale b: sqrt(2) b).
-PEAK_NLLS = {'gaussian': gaussian_nll, 'laplace': laplace_nll}
-SD_PER_SCALE = {'gaussian': 1.0, 'laplace': math.sqrt(2.0)}
+class Likelihood(NamedTuple):
+  """A wave-V likelihood: its per-example NLL(location, log_scale, target) [B], and the sd of
+  the distribution per unit of its scale exp(log_scale)."""
+  nll: Callable
+  sd_per_scale: float
+
+
+# config.loss.peak_nll: the likelihood of the wave-V latency and amplitude terms (a Laplace
+# distribution of scale b has sd sqrt(2) b).
+PEAK_NLLS = {'gaussian': Likelihood(gaussian_nll, 1.0),
+             'laplace': Likelihood(laplace_nll, math.sqrt(2.0))}
 
 
 def peak_nll(config):
-  """The per-example NLL function that `config.loss.peak_nll` names."""
+  """The Likelihood that `config.loss.peak_nll` names."""
   if config.loss.peak_nll not in PEAK_NLLS:
     raise ValueError(f'Unknown loss.peak_nll {config.loss.peak_nll!r}; expected one of '
                      f'{tuple(PEAK_NLLS)}.')
@@ -171,7 +179,7 @@ def loss_fn(params, model, batch, rng, config, class_weights, train, kernels=Non
   target = diffusion.prediction_target(alphas_cumprod, x0, noise, t, prediction)
   peak_mask = mask * batch['peak_mask']
   peak = functools.partial(nll_term, mask=peak_mask, beta=config.loss.nll_beta,
-                           nll_fn=peak_nll(config))
+                           nll_fn=peak_nll(config).nll)
   terms = {
       'signal': _masked(jnp.mean((denoised - target)**2, axis=-1), mask),
       'peak_exist': _masked(
