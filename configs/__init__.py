@@ -1,1 +1,4 @@
-"""Configuration files (ml-collections). `default.py` documents every key; the others change a few."""
+"""Configuration files (ml-collections).
+
+`default.py` documents every key; the others change a few.
+"""

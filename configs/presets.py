@@ -5,8 +5,9 @@ schedule's shape in epochs (warm-up, cycle length, T_mult). They shrink the mode
 the number of epochs (the demo also gives its validation and test splits larger shares).
 `training.accumulate_with='auto'` runs the micro-batches from the host ('loop') on the 2-core
 CPU they are made for, faster and smaller there than one fused call (demo,
-`benchmarks/step_time`: 1.01 s per update, 28.3 s to compile, 1.47 GB peak, against 1.13 s,
-33.0 s and 2.0 GB for 'vmap'), and fused ('vmap') on a GPU or TPU.
+`benchmarks/step_time`, with the trunk's dropout it had then: 1.01 s per update, 28.3 s to
+compile, 1.47 GB peak, against 1.13 s, 33.0 s and 2.0 GB for 'vmap'), and fused ('vmap') on a
+GPU or TPU.
 """
 
 PRESETS = ('demo', 'test')

@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW behind a global-norm clip, accumulated with MultiSteps.
+"""Optimizer and learning-rate schedule: AdamW behind a global-norm clip, accumulated with
+MultiSteps.
 
 Every schedule here is a function of the optimizer-update count (one update per
 `training.accumulation_steps` micro-batches), never of the micro-batch count.

@@ -58,7 +58,8 @@ def _fused_run(trainer, config, updates, dtype='float32', accumulate_with='vmap'
     window = fused.empty_metrics()
     if step is None:  # 'loop' runs k + 2 jitted calls from the host: its own compiles.
       step = (fused.train_update if accumulate_with == 'loop' else
-              _compile(fused._train, state, window, fused.empty_metrics(), batches))  # pylint: disable=protected-access
+              # pylint: disable-next=protected-access
+              _compile(fused._train, state, window, fused.empty_metrics(), batches))
     state, window, _ = step(state, window, fused.empty_metrics(), batches)
     totals.append(steps.summarize(window, fused.weights))
     # A copy: on a CPU device_get may alias the buffer that the next step donates.

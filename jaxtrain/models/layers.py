@@ -147,4 +147,5 @@ class Upsample(nn.Module):
   def __call__(self, x):
     """[B, L, C] -> [B, 2L, channels]."""
     batch, length, _ = x.shape
-    return nn.Dense(2 * self.channels, dtype=self.dtype)(x).reshape(batch, 2 * length, self.channels)
+    out = nn.Dense(2 * self.channels, dtype=self.dtype)(x)
+    return out.reshape(batch, 2 * length, self.channels)
