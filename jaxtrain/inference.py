@@ -106,13 +106,16 @@ def readings(outputs, normalizer, config):
   prob /= prob.sum(1, keepdims=True)
   out = {'class_prob': prob, 'class_pred': prob.argmax(1),
          'v_probability': 1 / (1 + np.exp(-np.asarray(outputs['peak_exist'], np.float64)))}
-  for name, key, unit in (('v_latency', 'peak_latency', 'ms'),
-                          ('v_amplitude', 'peak_amplitude', 'uv'),
-                          ('threshold', 'threshold', 'db')):
+  peak = losses.peak_nll(config)
+  # The threshold's 'nll' loss is always the Gaussian's.
+  for name, key, unit, likelihood in (('v_latency', 'peak_latency', 'ms', peak),
+                                      ('v_amplitude', 'peak_amplitude', 'uv', peak),
+                                      ('threshold', 'threshold', 'db',
+                                       losses.PEAK_NLLS['gaussian'])):
     location_z, log_scale = np.asarray(outputs[key], np.float64).T
     out[f'{name}_{unit}'] = normalizer.to_units(key, location_z)
-    sd_per_scale = 1.0 if key == 'threshold' else losses.peak_nll(config).sd_per_scale
-    out[f'{name}_sd_{unit}'] = sd_per_scale * np.exp(log_scale) * normalizer.stats[key][1]
+    out[f'{name}_sd_{unit}'] = (likelihood.sd_per_scale * np.exp(log_scale)
+                                * normalizer.stats[key][1])
   if config.loss.threshold_loss != 'nll':  # Its log-scale was never trained.
     out['threshold_sd_db'] = np.full(len(prob), np.nan)
   return out
