@@ -52,6 +52,10 @@ def main(argv):
   if FLAGS.distributed or FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('%s', distributed.describe_devices())
+  advice = distributed.cpu_page_advice(jax.default_backend(), sys.platform,
+                                       os.environ.get('GLIBC_TUNABLES', ''))
+  if advice:
+    logging.info('%s', advice)
   distributed.check_accelerator(FLAGS.config.require_accelerator)
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -191,3 +191,17 @@ def test_one_process_agrees_with_itself_without_a_collective():
   assert distributed.agreed_stop('SIGTERM') == 'SIGTERM'
   assert distributed.agreed_stop(None) is None
   assert distributed.any_process(True) is True and distributed.any_process(False) is False
+
+
+@pytest.mark.parametrize('backend, platform, tunables, advised', [
+    ('cpu', 'linux', '', True),
+    ('cpu', 'linux', 'glibc.malloc.arena_max=2', True),
+    ('cpu', 'linux', 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1', False),
+    ('gpu', 'linux', '', False),
+    ('cpu', 'darwin', '', False)])
+def test_only_linux_cpu_runs_without_2mb_pages_are_advised_to_use_them(backend, platform, tunables,
+                                                                       advised):
+  advice = distributed.cpu_page_advice(backend, platform, tunables)
+  assert (advice is not None) == advised
+  if advised:
+    assert 'GLIBC_TUNABLES' in advice and distributed.HUGE_PAGES in advice
