@@ -25,6 +25,17 @@ if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxtrain_test_cache_')
 
+# pylint: disable-next=g-import-not-at-top
+from jaxtrain import distributed  # After the environment above, which JAX reads at import.
+
+# glibc reads GLIBC_TUNABLES when a process starts: the xdist workers and the main.py
+# subprocesses started from here get 2 MB pages for XLA's large CPU buffers (README, "Two
+# commands") unless the variable already sets them (to any value); this process keeps what it
+# started with.
+_TUNABLES = os.environ.get('GLIBC_TUNABLES', '')
+if distributed.HUGE_PAGES.split('=')[0] + '=' not in _TUNABLES:
+  os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, (_TUNABLES, distributed.HUGE_PAGES)))
+
 
 def pytest_configure(config):
   # A donated buffer that no output can reuse costs its memory and a warning on every run:

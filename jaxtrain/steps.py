@@ -269,9 +269,13 @@ def accumulation_mode(config):
 
 
 def _all_finite(tree):
-  # One reduction over the leaves concatenated, which XLA fuses without materialising the
-  # concatenation: a reduction per leaf was 565 ops, 1.7 s of compile at demo size.
-  return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])))
+  # One reduction over the leaves concatenated, which XLA fuses: a reduction per leaf was 2 ops
+  # per leaf (convergence sizes: 4,970 against 3,758 fusions in the micro-batch program, 5,660
+  # against 3,839 in the optimizer's; concatenating their flags instead keeps all of them).
+  # Each leaf is cast to float32 first, exactly for (b)float16 and integers, so that none is
+  # cast to another leaf's narrower dtype.
+  return jnp.all(jnp.isfinite(jnp.concatenate(
+      [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])))
 
 
 def train_step(state, window, epoch_acc, batches, *, model, tx, config, class_weights):
