@@ -33,7 +33,7 @@ from jaxtrain import distributed  # After the environment above, which JAX reads
 # commands") unless the variable already sets them (to any value); this process keeps what it
 # started with.
 _TUNABLES = os.environ.get('GLIBC_TUNABLES', '')
-if distributed.HUGE_PAGES.split('=')[0] + '=' not in _TUNABLES:
+if f'{distributed.HUGE_PAGES_KEY}=' not in _TUNABLES:
   os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, (_TUNABLES, distributed.HUGE_PAGES)))
 
 

@@ -45,7 +45,8 @@ def describe_devices():
           f'process {jax.process_index()} of {jax.process_count()}.')
 
 
-HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+HUGE_PAGES_KEY = 'glibc.malloc.hugetlb'  # The GLIBC_TUNABLES entry for transparent huge pages.
+HUGE_PAGES = f'{HUGE_PAGES_KEY}=1'
 
 
 def cpu_page_advice(backend, platform, tunables):
